@@ -1,0 +1,49 @@
+"""llada_ext: kernels, model, training and sampling for masked diffusion language models.
+
+The three kernels (non-causal attention, masked cross-entropy fused with the LM head,
+parallel confidence remasking) live in a C/C++/CUDA library with a plain C ABI
+(``csrc/include/llada/llada.h``); this package exposes them as torch ops.
+"""
+
+import ctypes as _ctypes
+import os as _os
+
+
+def _preload_openblas() -> None:
+    # The CPU attention tiles may use OpenBLAS from the scipy-openblas32 wheel; load it by
+    # path first so the kernel library finds it wherever the package was built.
+    try:
+        import scipy_openblas32
+    except ImportError:
+        return
+    path = _os.path.join(scipy_openblas32.get_lib_dir(), f"lib{scipy_openblas32.get_library()}.so")
+    if _os.path.exists(path):
+        _ctypes.CDLL(path, mode=_ctypes.RTLD_GLOBAL)
+
+
+_preload_openblas()
+
+from . import _C  # noqa: E402
+from .ops import (  # noqa: E402
+    attention,
+    linear_masked_cross_entropy,
+    masked_cross_entropy,
+    remask,
+    remask_,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention",
+    "masked_cross_entropy",
+    "linear_masked_cross_entropy",
+    "remask",
+    "remask_",
+    "has_cuda_kernels",
+]
+
+
+def has_cuda_kernels() -> bool:
+    """True if the kernel library was built with its CUDA kernels."""
+    return bool(_C.has_cuda())

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Set-up shared by the README's commands: a virtual environment in .venv (reusing a torch
+# that the system Python already has), the Python dependencies and an editable build of the
+# extension. Idempotent: a second run only rebuilds what changed.
+#
+#   LLADA_CUDA=0|1   CPU-only / require CUDA kernels (default: CUDA whenever nvcc is found)
+#   LLADA_VENV=dir   virtual environment to use (default .venv)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${LLADA_VENV:-.venv}"
+PY_SYS="${PYTHON:-python3}"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
+  "$PY_SYS" -m venv --system-site-packages "$VENV"
+fi
+PY="$VENV/bin/python"
+pip_q() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  echo "[setup] installing torch 2.13.0"
+  pip_q "torch==2.13.0"
+fi
+need=()
+for spec in numpy safetensors tokenizers tqdm pybind11 scipy_openblas32:scipy-openblas32 \
+            pytest pytest_benchmark:pytest-benchmark hypothesis; do
+  mod="${spec%%:*}"; pkg="${spec#*:}"
+  "$PY" -c "import $mod" >/dev/null 2>&1 || need+=("$pkg")
+done
+for tool in ninja cmake ruff clang-format; do
+  [ -x "$VENV/bin/$tool" ] || need+=("$tool")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "[setup] installing ${need[*]}"
+  pip_q "${need[@]}"
+fi
+export PATH="$(cd "$VENV/bin" && pwd):$PATH"
+echo "[setup] building the extension (LLADA_CUDA=${LLADA_CUDA:-auto})"
+LLADA_JOBS="${LLADA_JOBS:-$(nproc)}" pip_q --no-build-isolation --no-deps -e .
+"$PY" -c "import llada_ext as lx; print('[setup] llada_ext ready, CUDA kernels:', lx.has_cuda_kernels())"
