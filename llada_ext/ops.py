@@ -390,13 +390,12 @@ def _linear_ce_fwd(
     stream = stream_of(hidden)
     with torch.autocast(hidden.device.type, enabled=False):
         for ic in _chunks(weights, V, chunk_rows):
+            # Views hold raw pointers only: every tensor passed to _C must stay referenced.
             logits = hidden.index_select(0, ic) @ weight.t()
+            tc, wc = targets.index_select(0, ic), weights.index_select(0, ic)
             lc = torch.empty(ic.numel(), dtype=torch.float32, device=hidden.device)
             lsec = torch.empty_like(lc)
-            _C.masked_ce_fwd(
-                view(logits), view(targets.index_select(0, ic)),
-                view(weights.index_select(0, ic)), view(lc), view(lsec), stream,
-            )
+            _C.masked_ce_fwd(view(logits), view(tc), view(wc), view(lc), view(lsec), stream)
             loss.index_copy_(0, ic, lc)
             lse.index_copy_(0, ic, lsec)
     return loss, lse
@@ -426,11 +425,11 @@ def _linear_ce_bwd(
         for ic in _chunks(weights, V, chunk_rows):
             h = hidden.index_select(0, ic)
             logits = h @ weight.t()
+            tc, wc = targets.index_select(0, ic), weights.index_select(0, ic)
+            lsec, gc = lse.index_select(0, ic), grad_loss.index_select(0, ic)
             # The gradient overwrites the chunk's logits in place: no second [n, V] buffer.
             _C.masked_ce_bwd(
-                view(logits), view(targets.index_select(0, ic)),
-                view(weights.index_select(0, ic)), view(lse.index_select(0, ic)),
-                view(grad_loss.index_select(0, ic).contiguous()), view(logits), stream,
+                view(logits), view(tc), view(wc), view(lsec), view(gc), view(logits), stream
             )
             dhidden.index_copy_(0, ic, logits @ weight)
             if logits.dtype == torch.float32:
