@@ -136,6 +136,7 @@ struct DeviceGuard {
     if (prev != device) {
       const cudaError_t e = cudaSetDevice(device);
       if (e != cudaSuccess) {
+        cudaGetLastError();  // clear it so the launch checks of later calls do not see it
         status = set_error(LLADA_ERROR_CUDA, "cudaSetDevice(%d): %s", device,
                            cudaGetErrorString(e));
         return;

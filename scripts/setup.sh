@@ -20,7 +20,7 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   pip_q "torch==2.13.0"
 fi
 need=()
-for spec in numpy safetensors tokenizers tqdm pybind11 scipy_openblas32:scipy-openblas32 \
+for spec in numpy safetensors tokenizers tqdm pybind11 scipy_openblas32:scipy-openblas32 ml_dtypes:ml-dtypes matplotlib \
             pytest pytest_benchmark:pytest-benchmark hypothesis; do
   mod="${spec%%:*}"; pkg="${spec#*:}"
   "$PY" -c "import $mod" >/dev/null 2>&1 || need+=("$pkg")

@@ -1,0 +1,14 @@
+// Backward attention kernels for the head-dim bucket 256 (float16 and bfloat16). One bucket
+// per file so the instantiations compile in parallel.
+#include "cuda/attention_bwd_kernel.cuh"
+
+namespace llada {
+namespace cuda {
+namespace attn {
+
+template llada_status run_attention_bwd<__half, 256>(const AttnBwdParams&, float*, float*);
+template llada_status run_attention_bwd<__nv_bfloat16, 256>(const AttnBwdParams&, float*, float*);
+
+}  // namespace attn
+}  // namespace cuda
+}  // namespace llada

@@ -1,0 +1,14 @@
+// Forward attention kernels for the head-dim bucket 256 (float16 and bfloat16). One bucket per
+// file so the instantiations compile in parallel.
+#include "cuda/attention_fwd_kernel.cuh"
+
+namespace llada {
+namespace cuda {
+namespace attn {
+
+template llada_status run_attention_fwd<__half, 256>(const AttnFwdParams&);
+template llada_status run_attention_fwd<__nv_bfloat16, 256>(const AttnFwdParams&);
+
+}  // namespace attn
+}  // namespace cuda
+}  // namespace llada

@@ -1,0 +1,279 @@
+// CUDA confidence remasking: one sampling step of a masked diffusion language model.
+//
+// Kernel 1 (remask_rows_kernel), one CTA per window position (b, j):
+//   non-candidates (x[b, offset+j] != mask_id) write x0 = x, confidence = -inf and leave;
+//   candidates stream their vocabulary row once with 16-byte loads (the CFG combine
+//   l = u + (s+1)(c-u) fused into the load), folding every value into a per-thread row state
+//   (running max / sum of exp / entropy term, argmax, second best, Gumbel-argmax), then a
+//   block reduction merges the states and thread 0 writes x0 and the confidence.
+// Kernel 2 (remask_select_kernel), one CTA per sequence b:
+//   copies x to x_out when they are different buffers, then ranks every candidate by
+//   (confidence desc, position asc) with a block-wide count in shared memory and writes x0
+//   into x_out for the min(k_b, #candidates) best, plus, with a threshold, every candidate
+//   whose confidence exceeds it.
+//
+// Both kernels run on the caller's stream, need no workspace and never synchronise the host,
+// so a whole sampling step can be captured in a CUDA graph.
+//
+// Bitwise agreement with the CPU twin (csrc/cpu/remask.cpp): the CFG combine, the prediction
+// key (l at temperature 0, l / T + Gumbel in double otherwise), its tie rule and the final
+// merge and confidence formulas all come from csrc/common/remask_row.h, shared by both
+// devices; the combine uses explicitly rounded intrinsics on the device so that nvcc cannot
+// contract it into an FMA (the CPU is built with -ffp-contract=off). Tokens that provably
+// cannot win the Gumbel-argmax skip their random draw on both devices (differently, but
+// exactly). Only the softmax sums are accumulated in another order (and with __expf, see
+// remask_acc.cuh), so confidences may differ from the CPU in the last bits; x0 does not.
+#include <math.h>
+
+#include "common/params.h"
+#include "common/philox.h"
+#include "common/remask_row.h"
+#include "cuda/cuda_utils.cuh"
+#include "cuda/remask_acc.cuh"
+
+namespace llada {
+namespace cuda {
+namespace {
+
+constexpr int kRowThreads = 256;
+constexpr int kRowUnroll = 2;
+constexpr int kSelectThreads = 512;
+
+struct MergeRow {
+  __device__ __forceinline__ void operator()(RemaskRowState& a, const RemaskRowState& b) const {
+    a.merge(b);
+  }
+};
+
+template <typename T, bool kVec, bool kCFG, bool kGumbel>
+__global__ void __launch_bounds__(kRowThreads) remask_rows_kernel(RemaskParams p) {
+  __shared__ RemaskRowState smem[kRowThreads / kWarpSize + 1];
+  constexpr int kN = DType<T>::kVec;
+  const T* logits = static_cast<const T*>(p.logits);
+  const T* uncond = static_cast<const T*>(p.uncond);
+  const int64_t V = p.V;
+  const float cfg = p.p.cfg_scale;
+  const float temp = p.p.temperature;
+  const uint64_t seed = p.p.seed;
+
+  for (int64_t row = blockIdx.x; row < p.B * p.W; row += gridDim.x) {
+    const int64_t b = row / p.W;
+    const int64_t j = row - b * p.W;
+    const int64_t xv = p.x[b * p.x_sb + (p.p.offset + j) * p.x_sl];
+    if (xv != p.p.mask_id) {  // uniform across the CTA
+      if (threadIdx.x == 0) {
+        p.x0[b * p.x0_sb + j * p.x0_sw] = xv;
+        p.conf[b * p.conf_sb + j * p.conf_sw] = -INFINITY;
+      }
+      continue;
+    }
+    const T* c = logits + b * p.logits_sb + j * p.logits_sw;
+    const T* u = kCFG ? uncond + b * p.uncond_sb + j * p.uncond_sw : nullptr;
+    // Gumbel index of (b, j, v) is (b * W + j) * V + v.
+    const uint64_t noise_base = static_cast<uint64_t>(row) * static_cast<uint64_t>(V);
+    ThreadAcc<kGumbel> acc;
+    acc.init();
+
+    if (kVec) {
+      const int64_t nvec = V / kN;
+      for (int64_t base = threadIdx.x; base < nvec; base += kRowThreads * kRowUnroll) {
+        float cb[kRowUnroll][kN];
+        float ub[kCFG ? kRowUnroll : 1][kN];
+        // All loads of this trip first, so several 16-byte requests are in flight.
+#pragma unroll
+        for (int r = 0; r < kRowUnroll; ++r) {
+          const int64_t vi = base + static_cast<int64_t>(r) * kRowThreads;
+          if (vi < nvec) {
+            load_vec_ro<T>(c + vi * kN, cb[r]);
+            if (kCFG) load_vec_ro<T>(u + vi * kN, ub[kCFG ? r : 0]);
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < kRowUnroll; ++r) {
+          const int64_t vi = base + static_cast<int64_t>(r) * kRowThreads;
+          if (vi >= nvec) continue;
+          float l[kN];
+#pragma unroll
+          for (int i = 0; i < kN; ++i)
+            l[i] = kCFG ? remask_cfg_combine(cb[r][i], ub[kCFG ? r : 0][i], cfg) : cb[r][i];
+          acc.template stats<kN>(l);
+          const int64_t v0 = vi * kN;
+#pragma unroll
+          for (int i = 0; i < kN; ++i) acc.order(l[i], v0 + i);
+          if (kGumbel) {
+            // V % kN == 0 here, so noise_base + v0 is even and tokens (2i, 2i+1) share one
+            // Philox counter: one call serves both, and none is made when neither token
+            // can still win.
+#pragma unroll
+            for (int i = 0; i < kN; i += 2) {
+              const bool w0 = !(l[i] < acc.skip_below);
+              const bool w1 = !(l[i + 1] < acc.skip_below);
+              if (!(w0 || w1)) continue;
+              const uint64_t g0 = noise_base + static_cast<uint64_t>(v0 + i);
+              const Philox4 rnd = philox_at(seed, g0);
+              if (w0) acc.offer_gumbel(l[i], v0 + i, uniform_half(rnd, g0), temp);
+              if (w1 && !(l[i + 1] < acc.skip_below))
+                acc.offer_gumbel(l[i + 1], v0 + i + 1, uniform_half(rnd, g0 + 1), temp);
+            }
+          }
+        }
+      }
+    } else {
+      for (int64_t v = threadIdx.x; v < V; v += kRowThreads) {
+        const float cv = DType<T>::to_float(__ldg(c + v));
+        const float l = kCFG ? remask_cfg_combine(cv, DType<T>::to_float(__ldg(u + v)), cfg) : cv;
+        const float one[1] = {l};
+        acc.template stats<1>(one);
+        acc.order(l, v);
+        if (kGumbel && !(l < acc.skip_below)) {
+          const uint64_t g = noise_base + static_cast<uint64_t>(v);
+          acc.offer_gumbel(l, v, uniform_half(philox_at(seed, g), g), temp);
+        }
+      }
+    }
+
+    const RemaskRowState st = block_reduce<kRowThreads>(acc.to_row_state(), smem, MergeRow{});
+    if (threadIdx.x == 0) {
+      const double ru =
+          p.p.strategy == LLADA_REMASK_RANDOM ? remask_random_uniform(seed, b, j, p.W) : 0.0;
+      p.x0[b * p.x0_sb + j * p.x0_sw] = remask_prediction(st);
+      p.conf[b * p.conf_sb + j * p.conf_sw] = remask_confidence(st, p.p.strategy, ru);
+    }
+  }
+}
+
+// Orders confidences as unsigned integers: a > b as floats <=> key(a) > key(b). NaN ranks
+// as -inf (last, ties by position), as the CPU twin's selection does.
+__device__ __forceinline__ uint32_t orderable(float f) {
+  if (f != f) f = -INFINITY;
+  if (f == 0.f) f = 0.f;  // -0 and +0 compare equal as floats, so they must share a key
+  const uint32_t bits = __float_as_uint(f);
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+// One CTA per sequence. Every candidate j gets a unique 64-bit key (confidence, then lower
+// position first) and its rank is the number of keys above it; non-candidates get key 0,
+// below every candidate's, so they never count. O(W^2 / threads) shared-memory broadcasts.
+__global__ void __launch_bounds__(kSelectThreads) remask_select_kernel(RemaskParams p) {
+  extern __shared__ unsigned long long keys[];
+  const int64_t W = p.W;
+  for (int64_t b = blockIdx.x; b < p.B; b += gridDim.x) {
+    const int64_t* x = p.x + b * p.x_sb;
+    int64_t* xo = p.x_out + b * p.x_out_sb;
+    if (xo != x) {
+      for (int64_t l = threadIdx.x; l < p.L; l += kSelectThreads)
+        xo[l * p.x_out_sl] = x[l * p.x_sl];
+    }
+    for (int64_t j = threadIdx.x; j < W; j += kSelectThreads) {
+      const bool cand = x[(p.p.offset + j) * p.x_sl] == p.p.mask_id;
+      const float c = p.conf[b * p.conf_sb + j * p.conf_sw];
+      keys[j] = cand ? (static_cast<unsigned long long>(orderable(c)) << 32) |
+                           static_cast<unsigned long long>(0xffffffffu - static_cast<uint32_t>(j))
+                     : 0ull;
+    }
+    __syncthreads();  // keys complete; x fully read before any candidate slot is written
+    const int64_t k = p.num_transfer[b * p.nt_s];
+    for (int64_t j = threadIdx.x; j < W; j += kSelectThreads) {
+      const unsigned long long kj = keys[j];
+      if (kj == 0ull) continue;
+      bool take = false;
+      if (p.p.has_threshold) {
+        const float c = p.conf[b * p.conf_sb + j * p.conf_sw];
+        take = c > p.p.threshold;
+      }
+      if (!take && k > 0) {
+        int64_t rank = 0;
+        for (int64_t i = 0; i < W && rank < k; ++i) rank += keys[i] > kj;
+        take = rank < k;
+      }
+      if (take) xo[(p.p.offset + j) * p.x_out_sl] = p.x0[b * p.x0_sb + j * p.x0_sw];
+    }
+    __syncthreads();  // keys are rewritten for the next row of this CTA
+  }
+}
+
+template <typename T, bool kVec, bool kCFG>
+void launch_rows_gumbel(const RemaskParams& p, dim3 grid, cudaStream_t s) {
+  if (p.p.temperature > 0.f) {
+    remask_rows_kernel<T, kVec, kCFG, true><<<grid, kRowThreads, 0, s>>>(p);
+  } else {
+    remask_rows_kernel<T, kVec, kCFG, false><<<grid, kRowThreads, 0, s>>>(p);
+  }
+}
+
+template <typename T>
+llada_status launch_rows(const RemaskParams& p) {
+  const int64_t rows = p.B * p.W;
+  const dim3 grid(static_cast<unsigned>(rows < kMaxGridX ? rows : kMaxGridX));
+  cudaStream_t s = as_stream(p.stream);
+  const bool vec =
+      rows_vectorizable<T>(p.logits, p.logits_sw, p.V) && (p.logits_sb % DType<T>::kVec == 0) &&
+      (p.uncond == nullptr ||
+       (rows_vectorizable<T>(p.uncond, p.uncond_sw, p.V) && p.uncond_sb % DType<T>::kVec == 0));
+  if (p.uncond != nullptr) {
+    if (vec) {
+      launch_rows_gumbel<T, true, true>(p, grid, s);
+    } else {
+      launch_rows_gumbel<T, false, true>(p, grid, s);
+    }
+  } else {
+    if (vec) {
+      launch_rows_gumbel<T, true, false>(p, grid, s);
+    } else {
+      launch_rows_gumbel<T, false, false>(p, grid, s);
+    }
+  }
+  return check_launch("remask (row pass)");
+}
+
+}  // namespace
+
+size_t remask_workspace_size(int64_t /*B*/, int64_t /*W*/) {
+  return 0;
+}
+
+llada_status remask(const RemaskParams& p) {
+  if (p.B == 0) return LLADA_OK;
+  if (p.W > 0) {
+    if (p.V <= 0) return set_error(LLADA_ERROR_INVALID_ARGUMENT, "remask: V must be > 0");
+    llada_status st;
+    switch (p.dtype) {
+      case LLADA_FLOAT32: st = launch_rows<float>(p); break;
+      case LLADA_BFLOAT16: st = launch_rows<__nv_bfloat16>(p); break;
+      case LLADA_FLOAT16: st = launch_rows<__half>(p); break;
+      default:
+        return set_error(LLADA_ERROR_UNSUPPORTED_DTYPE,
+                         "remask (CUDA): logits dtype %d unsupported; expected float32, "
+                         "bfloat16 or float16",
+                         static_cast<int>(p.dtype));
+    }
+    if (st != LLADA_OK) return st;
+  }
+
+  // Shared memory for the keys: 8 bytes per window position. Up to 48 KiB needs no opt-in;
+  // beyond that ask for more (a function attribute, not a stream operation, so it is legal
+  // during graph capture).
+  const size_t smem = static_cast<size_t>(p.W > 0 ? p.W : 1) * sizeof(unsigned long long);
+  if (smem > 48 * 1024) {
+    int dev = 0, max_optin = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    if (smem > static_cast<size_t>(max_optin)) {
+      return set_error(LLADA_ERROR_INVALID_ARGUMENT,
+                       "remask (CUDA): window W=%lld needs %zu bytes of shared memory for the "
+                       "selection, the device allows %d",
+                       static_cast<long long>(p.W), smem, max_optin);
+    }
+    const cudaError_t e = cudaFuncSetAttribute(
+        remask_select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (e != cudaSuccess) {
+      return set_error(LLADA_ERROR_CUDA, "remask: cudaFuncSetAttribute: %s", cudaGetErrorString(e));
+    }
+  }
+  const dim3 grid(static_cast<unsigned>(p.B < 65535 * 1024LL ? p.B : 65535 * 1024LL));
+  remask_select_kernel<<<grid, kSelectThreads, smem, as_stream(p.stream)>>>(p);
+  return check_launch("remask (selection)");
+}
+
+}  // namespace cuda
+}  // namespace llada
