@@ -31,6 +31,9 @@ from .ops import (  # noqa: E402
     remask,
     remask_,
 )
+from .likelihood import log_likelihood  # noqa: E402
+from .model import LLaDAConfig, LLaDAModel  # noqa: E402
+from .sampling import generate  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -40,6 +43,10 @@ __all__ = [
     "linear_masked_cross_entropy",
     "remask",
     "remask_",
+    "LLaDAConfig",
+    "LLaDAModel",
+    "generate",
+    "log_likelihood",
     "has_cuda_kernels",
 ]
 

@@ -1,0 +1,179 @@
+"""Conditional log-likelihood of an answer under LLaDA (Alg. 3 of the paper).
+
+For a prompt ``p`` and an answer ``r`` of length ``L`` the masked-diffusion bound is::
+
+    -log p(r | p) <= E_{l ~ U{1..L}} E_{S ~ uniform l-subset of r} [ L / l * sum_{i in S}
+                                                                     -log p(r_i | p, r_S masked) ]
+
+It is estimated by Monte Carlo over ``mc_num`` draws of ``(l, S)``. As in the public
+``get_log_likelihood.py``, the draws of one mini-batch are stratified: one uniform ``k`` per
+batch, row ``j`` masks ``l_j = ((k - 1 + round(j * L / batch_size)) mod L) + 1`` tokens, and
+every row's set of masked tokens is an independent uniform subset of that size; the prompt is
+never masked. The row offsets are computed in integer arithmetic (ties round up) so every
+row's ``l_j`` is exactly uniform on ``{1..L}`` and the estimator unbiased (the reference's
+float ``linspace`` with round-half-to-even skews rows whose ``j * L / batch_size`` ends in .5).
+
+The cross-entropy is :func:`llada_ext.linear_masked_cross_entropy` on the final hidden states
+with weight ``L / l`` on masked answer tokens and 0 elsewhere, so the ``[B, T, V]`` logits are
+never materialised. Classifier-free guidance is linear in the logits, hence in the hidden
+states: ``u + (cfg + 1)(c - u) = ((cfg + 1) h_c - cfg h_u) W^T``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["log_likelihood", "stratified_mask"]
+
+
+def stratified_mask(
+    answer_len: int,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One mini-batch of stratified masking draws over an answer.
+
+    Parameters
+    ----------
+    answer_len : int
+        Answer length ``L``.
+    batch_size : int
+        Rows.
+    generator : torch.Generator, optional
+        Source of randomness (its device is where the draws happen).
+
+    Returns
+    -------
+    is_mask : Tensor
+        bool [batch_size, L], exactly ``l_j`` True entries in row j, at uniformly random places.
+    num_masked : Tensor
+        int64 [batch_size], the ``l_j``.
+
+    Notes
+    -----
+    Consumes the generator as ``randint`` (one draw) then one ``randperm(L)`` per row, in
+    that order.
+    """
+    dev = generator.device if generator is not None else torch.device("cpu")
+    k = int(torch.randint(1, answer_len + 1, (), generator=generator, device=dev))
+    j = torch.arange(batch_size, dtype=torch.int64)
+    offsets = (2 * j * answer_len + batch_size) // (2 * batch_size)  # round(j L / b), ties up
+    num_masked = (k - 1 + offsets) % answer_len + 1
+    base = torch.arange(answer_len, device=dev)
+    rows = []
+    for b in range(batch_size):
+        perm = torch.randperm(answer_len, generator=generator, device=dev)
+        rows.append((base < int(num_masked[b]))[perm])
+    return torch.stack(rows), num_masked
+
+
+def _as_1d_ids(t: object, name: str) -> Tensor:
+    if isinstance(t, (list, tuple)):
+        t = torch.tensor(t, dtype=torch.int64)
+    if not isinstance(t, Tensor):
+        raise TypeError(
+            f"{name} must be an int64 tensor [n] or a list of ints, got {type(t).__name__}"
+        )
+    if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    if t.dim() == 2 and t.shape[0] == 1:
+        t = t[0]
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D [n] (or [1, n]), got shape {tuple(t.shape)}")
+    return t.to(torch.int64)
+
+
+@torch.no_grad()
+def log_likelihood(
+    model: torch.nn.Module,
+    prompt_ids: Tensor,
+    answer_ids: Tensor,
+    mc_num: int = 128,
+    batch_size: int = 16,
+    cfg_scale: float = 0.0,
+    *,
+    mask_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> float:
+    """Monte Carlo estimate of ``log p(answer | prompt)`` (Alg. 3).
+
+    Returns the log-likelihood, i.e. the *negative* of the estimated loss
+    ``mean_mc [ L / l * sum_{masked} CE ]``, so larger is more likely (an estimate of a lower
+    bound of the true log-likelihood).
+
+    Parameters
+    ----------
+    model : LLaDAModel
+        Mask predictor (uses ``forward_hidden`` and ``lm_head``).
+    prompt_ids : Tensor
+        int64 [P] prompt (may be empty); never masked.
+    answer_ids : Tensor
+        int64 [L] answer, L >= 1.
+    mc_num : int
+        Monte Carlo samples; a multiple of ``batch_size``.
+    batch_size : int
+        Samples per forward pass.
+    cfg_scale : float
+        Classifier-free guidance scale (0 = off); the unconditional pass masks the prompt.
+    mask_id : int, optional
+        Default ``model.config.mask_token_id``.
+    generator : torch.Generator, optional
+        Randomness of the masking draws (CPU by default); same seed, same estimate.
+
+    Returns
+    -------
+    float
+        The estimated log-likelihood.
+    """
+    if isinstance(mc_num, bool) or not isinstance(mc_num, int) or mc_num <= 0:
+        raise ValueError(f"mc_num must be a positive int, got {mc_num!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if mc_num % batch_size != 0:
+        raise ValueError(f"mc_num ({mc_num}) must be a multiple of batch_size ({batch_size})")
+    if (
+        isinstance(cfg_scale, bool)
+        or not isinstance(cfg_scale, (int, float))
+        or not cfg_scale >= 0
+        or cfg_scale == float("inf")
+    ):
+        raise ValueError(f"cfg_scale must be a finite float >= 0, got {cfg_scale!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    prompt = _as_1d_ids(prompt_ids, "prompt_ids")
+    answer = _as_1d_ids(answer_ids, "answer_ids")
+    if answer.numel() == 0:
+        raise ValueError("answer_ids must hold at least one token")
+    if mask_id is None:
+        mask_id = int(model.config.mask_token_id)
+
+    from llada_ext.ops import linear_masked_cross_entropy
+
+    device = model.device
+    plen, alen = prompt.numel(), answer.numel()
+    seq = torch.cat([prompt, answer]).to(device)[None].expand(batch_size, -1).contiguous()
+    weight = model.lm_head.weight
+    # the fused kernel covers float32/bfloat16/float16; a float64 model runs it in float32
+    ce_dtype = torch.float32 if weight.dtype == torch.float64 else weight.dtype
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for _ in range(mc_num // batch_size):
+        is_mask, num_masked = stratified_mask(alen, batch_size, generator)
+        is_mask, num_masked = is_mask.to(device), num_masked.to(device)
+        noisy = seq.clone()
+        noisy[:, plen:] = torch.where(is_mask, mask_id, seq[:, plen:])
+        weights = torch.zeros(batch_size, plen + alen, dtype=torch.float32, device=device)
+        weights[:, plen:] = is_mask * (alen / num_masked.to(torch.float32))[:, None]
+        if cfg_scale > 0:
+            uncond = noisy.clone()
+            uncond[:, :plen] = mask_id
+            both = model.forward_hidden(torch.cat([noisy, uncond], dim=0))
+            cond_h, uncond_h = both[:batch_size].float(), both[batch_size:].float()
+            hidden = (cfg_scale + 1) * cond_h - cfg_scale * uncond_h
+        else:
+            hidden = model.forward_hidden(noisy)
+        loss = linear_masked_cross_entropy(
+            hidden.to(ce_dtype), weight.to(ce_dtype), seq, weights, reduction="sum"
+        )
+        total += loss.double() / batch_size
+    return -float(total) / (mc_num // batch_size)

@@ -1,0 +1,822 @@
+"""A minimal LLaDA mask predictor (non-causal Llama-style transformer) and its checkpoint I/O.
+
+The module tree mirrors the published LLaDA-8B checkpoints so their safetensors load as is::
+
+    model.transformer.wte.weight                      [V, d]      token embedding
+    model.transformer.blocks.{i}.attn_norm.weight     [d]         RMSNorm before attention
+    model.transformer.blocks.{i}.{q,k,v}_proj.weight  [H*D, d]    (k, v: Hkv*D rows, GQA)
+    model.transformer.blocks.{i}.attn_out.weight      [d, H*D]
+    model.transformer.blocks.{i}.ff_norm.weight       [d]         RMSNorm before the MLP
+    model.transformer.blocks.{i}.{ff_proj,up_proj}.weight [F, d]  SwiGLU: silu(ff_proj) * up_proj
+    model.transformer.blocks.{i}.ff_out.weight        [d, F]
+    model.transformer.ln_f.weight                     [d]
+    model.transformer.ff_out.weight                   [V, d]      untied LM head
+
+Numerics follow the reference implementation: RMSNorm and RoPE (non-interleaved, rotate_half)
+run in float32 whatever the model dtype, no biases anywhere, attention is non-causal.
+
+Attention goes through :func:`llada_ext.attention` (``backend="kernels"``) or
+:func:`torch.nn.functional.scaled_dot_product_attention` (``backend="torch"``). An optional
+key/value cache (:class:`KVCache`) lets the sampler run a forward over a slice of the sequence
+against cached keys and values of the rest (block caching, see ``llada_ext.sampling``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["KVCache", "LLaDAConfig", "LLaDAModel", "ModelOutput"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+_WEIGHT_FILE = re.compile(r"model\.safetensors|model-\d{5}-of-\d{5}\.safetensors")
+BACKENDS = ("kernels", "torch")
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+# --------------------------------------------------------------------------------------------
+@dataclass
+class LLaDAConfig:
+    """Hyper-parameters of a LLaDA mask predictor.
+
+    The defaults are the published LLaDA-8B dimensions and special token ids, so a
+    ``config.json`` that omits a key falls back to the value LLaDA-8B uses.
+
+    Attributes
+    ----------
+    d_model, n_layers, n_heads, n_kv_heads, mlp_hidden_size : int
+        Width, depth, query heads, key/value heads (GQA when smaller than ``n_heads``) and
+        SwiGLU hidden size.
+    vocab_size : int
+        Rows of the embedding and of the LM head.
+    max_sequence_length : int
+        Longest sequence the model was trained for (informational; RoPE has no table).
+    rope_theta, rms_norm_eps : float
+        RoPE base and RMSNorm epsilon.
+    mask_token_id, eos_token_id, bos_token_id, pad_token_id : int
+        Special ids. In LLaDA the EOS token doubles as padding.
+    eot_token_id : int or None
+        End-of-turn id of the chat template, if any.
+    initializer_range : float
+        Standard deviation of the normal initialisation used when training from scratch.
+    """
+
+    d_model: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    mlp_hidden_size: int = 12288
+    vocab_size: int = 126464
+    max_sequence_length: int = 4096
+    rope_theta: float = 500000.0
+    rms_norm_eps: float = 1e-5
+    mask_token_id: int = 126336
+    eos_token_id: int = 126081
+    bos_token_id: int = 126080
+    pad_token_id: int = 126081
+    eot_token_id: int | None = 126348
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in (
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "mlp_hidden_size",
+            "vocab_size",
+            "max_sequence_length",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"LLaDAConfig.{name} must be a positive int, got {value!r}")
+        if self.d_model % self.n_heads != 0:
+            raise ValueError(
+                f"LLaDAConfig.d_model ({self.d_model}) must be divisible by n_heads "
+                f"({self.n_heads})"
+            )
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(
+                f"LLaDAConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
+                f"({self.n_kv_heads})"
+            )
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"LLaDAConfig head_dim ({self.head_dim}) must be even for RoPE")
+        for name in (
+            "mask_token_id",
+            "eos_token_id",
+            "bos_token_id",
+            "pad_token_id",
+            "eot_token_id",
+        ):
+            value = getattr(self, name)
+            if value is None and name == "eot_token_id":
+                continue
+            if not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                raise ValueError(
+                    f"LLaDAConfig.{name} must be an int in [0, vocab_size={self.vocab_size}), "
+                    f"got {value!r}"
+                )
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head width ``d_model // n_heads``."""
+        return self.d_model // self.n_heads
+
+    # -- presets ------------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str) -> LLaDAConfig:
+        """Return a named configuration.
+
+        Parameters
+        ----------
+        name : {"tiny", "1b", "8b"}
+            ``"tiny"``: byte-level model that trains on a CPU in minutes: d_model 128, 4 layers,
+            4 heads, 2 KV heads, MLP 352, vocabulary 260 = 256 bytes + BOS 256, EOS 257 (also
+            padding), MASK 258, EoT 259 (the ids of :class:`llada_ext.tokenizer.ByteTokenizer`),
+            max length 256, RoPE theta 10000.
+            ``"1b"``: the LLaDA 1B architecture of the paper's scaling study (22 layers, d_model
+            2048, 32 heads, 4 KV heads, MLP 5634, LLaDA vocabulary; about 1.0B parameters
+            without the two embedding matrices, 1.5B with them).
+            ``"8b"``: the exact LLaDA-8B dimensions.
+
+        Returns
+        -------
+        LLaDAConfig
+        """
+        key = name.lower()
+        if key == "tiny":
+            return cls(
+                d_model=128,
+                n_layers=4,
+                n_heads=4,
+                n_kv_heads=2,
+                mlp_hidden_size=352,
+                vocab_size=260,
+                max_sequence_length=256,
+                rope_theta=10000.0,
+                rms_norm_eps=1e-5,
+                mask_token_id=258,
+                eos_token_id=257,
+                bos_token_id=256,
+                pad_token_id=257,
+                eot_token_id=259,
+                initializer_range=0.02,
+            )
+        if key == "1b":
+            return cls(
+                d_model=2048,
+                n_layers=22,
+                n_heads=32,
+                n_kv_heads=4,
+                mlp_hidden_size=5634,
+                max_sequence_length=4096,
+            )
+        if key == "8b":
+            return cls()
+        raise ValueError(f"unknown preset {name!r}; expected one of 'tiny', '1b', '8b'")
+
+    # -- published config.json format ---------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Serialise in the published LLaDA ``config.json`` format.
+
+        Returns
+        -------
+        dict
+            The keys of the published LLaDA-8B config (``d_model``, ``n_heads``, ...,
+            ``model_type="llada"``, ``architectures=["LLaDAModelLM"]``) plus the fields that
+            config lacks (``eot_token_id``, ``initializer_range``, also written as ``init_std``).
+        """
+        out: dict[str, Any] = {
+            "architectures": ["LLaDAModelLM"],
+            "model_type": "llada",
+            "d_model": self.d_model,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "n_layers": self.n_layers,
+            "mlp_hidden_size": self.mlp_hidden_size,
+            "vocab_size": self.vocab_size,
+            "embedding_size": self.vocab_size,
+            "max_sequence_length": self.max_sequence_length,
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps,
+            "mask_token_id": self.mask_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "bos_token_id": self.bos_token_id,
+            "eot_token_id": self.eot_token_id,
+            "initializer_range": self.initializer_range,
+            # fixed architecture facts of LLaDA, written so that other readers of the
+            # published format see the right model
+            "init_std": self.initializer_range,
+            "activation_type": "silu",
+            "block_type": "llama",
+            "layer_norm_type": "rms",
+            "rope": True,
+            "rope_full_precision": True,
+            "include_bias": False,
+            "weight_tying": False,
+            "alibi": False,
+        }
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LLaDAConfig:
+        """Build a config from a (published or :meth:`to_dict`) ``config.json`` dictionary.
+
+        Absent keys take the LLaDA-8B defaults; unknown keys are ignored. When the published
+        ``embedding_size`` (the padded row count of the weights) exceeds ``vocab_size``, the
+        weights have ``embedding_size`` rows, so that becomes ``vocab_size`` here.
+
+        Parameters
+        ----------
+        data : dict
+            Parsed ``config.json``.
+
+        Returns
+        -------
+        LLaDAConfig
+        """
+        if not isinstance(data, dict):
+            raise TypeError(f"config must be a dict, got {type(data).__name__}")
+        if data.get("weight_tying", False):
+            raise ValueError("tied embeddings (weight_tying=true) are not supported")
+        if data.get("alibi", False):
+            raise ValueError("ALiBi models (alibi=true) are not supported; LLaDA uses RoPE")
+        names = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in names}
+        if "initializer_range" not in kwargs and data.get("init_std") is not None:
+            kwargs["initializer_range"] = data["init_std"]
+        emb = data.get("embedding_size")
+        vocab = kwargs.get("vocab_size", cls.vocab_size)
+        if emb is not None and emb > vocab:
+            kwargs["vocab_size"] = emb
+        if kwargs.get("n_kv_heads") is None and "n_kv_heads" in kwargs:
+            kwargs["n_kv_heads"] = kwargs.get("n_heads", cls.n_heads)
+        if "eot_token_id" not in kwargs and kwargs.get("vocab_size", vocab) <= cls.eot_token_id:
+            # the published config has no EoT key and LLaDA-8B's id only fits its vocabulary
+            kwargs["eot_token_id"] = None
+        for key in ("rope_theta", "rms_norm_eps", "initializer_range"):
+            if key in kwargs:
+                kwargs[key] = float(kwargs[key])
+        return cls(**kwargs)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+
+@dataclass
+class ModelOutput:
+    """Output of :meth:`LLaDAModel.forward`: ``logits`` [B, L, V] in the model dtype."""
+
+    logits: torch.Tensor
+    hidden_states: torch.Tensor | None = None
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys and values of one full sequence, for block-wise cached decoding.
+
+    ``k[i]`` / ``v[i]`` are layer ``i``'s post-RoPE keys / values, [B, L, Hkv, D]. A forward
+    with ``kv_cache=cache`` and no ``cache_start`` fills them; a forward with
+    ``cache_start=s`` over a slice of length W overwrites positions ``[s, s + W)`` with fresh
+    keys and values and lets the slice attend to the whole cached sequence.
+    """
+
+    k: list[torch.Tensor] = field(default_factory=list)
+    v: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def seq_len(self) -> int:
+        return self.k[0].shape[1] if self.k else 0
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows ``index`` (int64 [B'])."""
+        self.k = [t.index_select(0, index) for t in self.k]
+        self.v = [t.index_select(0, index) for t in self.v]
+
+
+# --------------------------------------------------------------------------------------------
+# layers
+# --------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 (as the reference does), scaled in the input dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 cos/sin tables [B, T, 1, D] for integer positions [B, T] (non-interleaved)."""
+    inv_freq = 1.0 / (
+        theta
+        ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    )
+    freqs = positions.to(torch.float32)[..., None] * inv_freq  # [B, T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, T, H, D] in float32 and return it in x's dtype."""
+    x32 = x.float()
+    return (x32 * cos + _rotate_half(x32) * sin).to(x.dtype)
+
+
+def _kernel_attention_supported(t: torch.Tensor) -> bool:
+    # dtypes of DESIGN section 3; anything else takes the torch path instead of failing
+    if t.device.type == "cpu":
+        return t.dtype in (torch.float32, torch.bfloat16)
+    if t.device.type == "cuda":
+        return t.dtype in (torch.float16, torch.bfloat16)
+    return False
+
+
+def _torch_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Non-causal SDPA on [B, S, H, D] tensors with the lx.attention conventions."""
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    attn_mask = None
+    has_key = None
+    if key_mask is not None:
+        # SDPA returns NaN for a query with no visible key, lx.attention returns 0: open such
+        # rows up and zero their output afterwards (no host sync)
+        has_key = key_mask.any(dim=-1)  # [B]
+        attn_mask = (key_mask | ~has_key[:, None])[:, None, None, :]
+    out = F.scaled_dot_product_attention(
+        qt, kt, vt, attn_mask=attn_mask, enable_gqa=q.shape[2] != k.shape[2]
+    )
+    out = out.transpose(1, 2)
+    if has_key is not None:
+        out = out * has_key[:, None, None, None].to(out.dtype)
+    return out
+
+
+class LLaDABlock(nn.Module):
+    """One pre-norm transformer block: non-causal GQA attention + SwiGLU MLP."""
+
+    def __init__(self, config: LLaDAConfig) -> None:
+        super().__init__()
+        d, hd = config.d_model, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, hd
+        self.attn_norm = RMSNorm(d, config.rms_norm_eps)
+        self.q_proj = nn.Linear(d, config.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, config.n_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, config.n_kv_heads * hd, bias=False)
+        self.attn_out = nn.Linear(config.n_heads * hd, d, bias=False)
+        self.ff_norm = RMSNorm(d, config.rms_norm_eps)
+        self.ff_proj = nn.Linear(d, config.mlp_hidden_size, bias=False)
+        self.up_proj = nn.Linear(d, config.mlp_hidden_size, bias=False)
+        self.ff_out = nn.Linear(config.mlp_hidden_size, d, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        backend: str,
+        cache: tuple[KVCache, int, int | None] | None = None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        h = self.attn_norm(x)
+        q = self.q_proj(h).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(h).view(b, t, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(h).view(b, t, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            kv, layer, start = cache
+            if start is None:  # full pass: remember this layer's keys and values
+                kv.k.append(k)
+                kv.v.append(v)
+            else:  # slice pass: refresh the slice in the cache, attend to everything cached
+                kv.k[layer][:, start : start + t] = k
+                kv.v[layer][:, start : start + t] = v
+                k, v = kv.k[layer], kv.v[layer]
+        if backend == "kernels" and _kernel_attention_supported(q):
+            from llada_ext.ops import attention
+
+            out = attention(q, k, v, key_mask)
+        else:
+            out = _torch_attention(q, k, v, key_mask)
+        x = x + self.attn_out(out.reshape(b, t, self.n_heads * self.head_dim))
+        h = self.ff_norm(x)
+        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+
+
+# --------------------------------------------------------------------------------------------
+# the model
+# --------------------------------------------------------------------------------------------
+class LLaDAModel(nn.Module):
+    """LLaDA mask predictor with Hugging Face-style calling conventions.
+
+    Parameters
+    ----------
+    config : LLaDAConfig
+        Architecture.
+    backend : {"kernels", "torch"}
+        Attention implementation: the library kernel :func:`llada_ext.attention` or PyTorch
+        SDPA. Settable after construction. With ``"kernels"``, dtype/device pairs the kernel
+        does not cover (e.g. float64, CUDA float32) use SDPA.
+
+    Notes
+    -----
+    Initialisation (training from scratch): every linear and embedding weight is drawn from
+    ``normal(0, config.initializer_range)``, RMSNorm weights are 1. Models built by
+    :meth:`from_pretrained` skip initialisation entirely (meta device + ``assign=True``).
+    """
+
+    def __init__(self, config: LLaDAConfig, backend: str = "kernels") -> None:
+        super().__init__()
+        if not isinstance(config, LLaDAConfig):
+            raise TypeError(f"config must be an LLaDAConfig, got {type(config).__name__}")
+        self.config = config
+        self.backend = backend
+        self.gradient_checkpointing = False
+        self.model = nn.Module()
+        self.model.transformer = nn.ModuleDict(
+            {
+                "wte": nn.Embedding(config.vocab_size, config.d_model),
+                "blocks": nn.ModuleList(LLaDABlock(config) for _ in range(config.n_layers)),
+                "ln_f": RMSNorm(config.d_model, config.rms_norm_eps),
+                "ff_out": nn.Linear(config.d_model, config.vocab_size, bias=False),
+            }
+        )
+        if self.model.transformer.wte.weight.device.type != "meta":
+            self.reset_parameters()
+
+    # -- attributes ---------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        self._backend = value
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.transformer.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.transformer.wte.weight.dtype
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        """The untied output projection (``model.transformer.ff_out``), weight [V, d]."""
+        return self.model.transformer.ff_out
+
+    def num_parameters(self) -> int:
+        """Total number of parameters."""
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise weights: normal(0, initializer_range); RMSNorm weights to 1."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward_hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        kv_cache: KVCache | None = None,
+        cache_start: int | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states (after ``ln_f``), the input of the LM head.
+
+        Parameters
+        ----------
+        input_ids : torch.Tensor
+            int64 [B, T].
+        attention_mask : torch.Tensor, optional
+            [B, L] with 1 for real tokens and 0 for padding (any dtype). Padded keys are never
+            attended and RoPE positions are ``cumsum(mask) - 1``. ``L == T`` except in a slice
+            pass (below), where it covers the whole cached sequence.
+        kv_cache : KVCache, optional
+            Without ``cache_start``: a full pass whose per-layer keys/values are stored in
+            ``kv_cache`` (which must be empty). With ``cache_start=s``: ``input_ids`` is the
+            slice ``[s, s + T)`` of the cached sequence; its fresh keys/values replace that
+            slice in the cache and its queries attend to the whole cached sequence.
+        cache_start : int, optional
+            Start of the slice in the cached sequence (requires ``kv_cache``).
+
+        Returns
+        -------
+        torch.Tensor
+            [B, T, d_model] in the model dtype.
+        """
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError("input_ids must be an int64 tensor [B, T]")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        b, t = input_ids.shape
+        if cache_start is not None and kv_cache is None:
+            raise ValueError("cache_start requires kv_cache")
+        if kv_cache is not None and cache_start is None and kv_cache.k:
+            raise ValueError("a full pass needs an empty kv_cache")
+        if cache_start is not None:
+            total = kv_cache.seq_len
+            if total == 0:
+                raise ValueError("kv_cache is empty; run a full pass with it first")
+            if not 0 <= cache_start <= total - t:
+                raise ValueError(
+                    f"slice [{cache_start}, {cache_start + t}) is outside the "
+                    f"cached sequence of length {total}"
+                )
+        else:
+            total = t
+        start = 0 if cache_start is None else cache_start
+
+        key_mask = None
+        if attention_mask is not None:
+            if attention_mask.shape != (b, total):
+                raise ValueError(
+                    f"attention_mask must have shape {(b, total)}, got "
+                    f"{tuple(attention_mask.shape)}"
+                )
+            key_mask = attention_mask.to(input_ids.device) != 0
+            positions = (key_mask.long().cumsum(-1) - 1).clamp_min(0)[:, start : start + t]
+        else:
+            positions = torch.arange(start, start + t, device=input_ids.device).expand(b, t)
+        cfg = self.config
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+
+        x = self.model.transformer.wte(input_ids)
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for i, block in enumerate(self.model.transformer.blocks):
+            cache = None if kv_cache is None else (kv_cache, i, cache_start)
+            if ckpt and cache is None:
+                x = checkpoint(block, x, cos, sin, key_mask, self.backend, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, key_mask, self.backend, cache)
+        return self.model.transformer.ln_f(x)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> ModelOutput:
+        """Logits for every position.
+
+        Parameters
+        ----------
+        input_ids : torch.Tensor
+            int64 [B, L].
+        attention_mask : torch.Tensor, optional
+            [B, L], 1 = real token, 0 = padding.
+
+        Returns
+        -------
+        ModelOutput
+            ``logits`` [B, L, V] in the model dtype; ``hidden_states`` is None.
+        """
+        return ModelOutput(logits=self.lm_head(self.forward_hidden(input_ids, attention_mask)))
+
+    # -- checkpoints --------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | os.PathLike,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        backend: str = "kernels",
+    ) -> LLaDAModel:
+        """Load a model saved in the published LLaDA layout.
+
+        The module tree is built on the meta device (no allocation, no initialisation), the
+        safetensors are read tensor by tensor straight onto ``device`` and the parameters
+        become those tensors (``load_state_dict(assign=True)``), so peak memory is one copy of
+        the weights.
+
+        Parameters
+        ----------
+        folder : str or PathLike
+            Folder with ``config.json`` and either ``model.safetensors`` or
+            ``model.safetensors.index.json`` + the shards it names.
+        device : str or torch.device, optional
+            Where to load the weights (default CPU).
+        dtype : torch.dtype, optional
+            Floating dtype of the parameters; default the checkpoint's (the embedding's
+            dtype if the checkpoint mixes dtypes).
+        backend : {"kernels", "torch"}
+            Attention backend of the returned model.
+
+        Returns
+        -------
+        LLaDAModel
+            In eval mode.
+
+        Raises
+        ------
+        FileNotFoundError
+            Missing folder, config.json or weight files.
+        ValueError
+            Malformed config/index, missing or unexpected weights, or wrong shapes.
+        """
+        from safetensors import safe_open
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"checkpoint folder {str(folder)!r} does not exist")
+        config_path = folder / CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{str(config_path)!r} not found: not a LLaDA checkpoint")
+        try:
+            config = LLaDAConfig.from_dict(json.loads(config_path.read_text()))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{str(config_path)!r} is not valid JSON: {e}") from e
+        if dtype is not None and (
+            not isinstance(dtype, torch.dtype) or not dtype.is_floating_point
+        ):
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        device = torch.device("cpu" if device is None else device)
+
+        shard_files = _shard_files(folder)
+        with torch.device("meta"):
+            model = cls(config, backend=backend)
+        expected = {k: tuple(p.shape) for k, p in model.state_dict().items()}
+
+        state: dict[str, torch.Tensor] = {}
+        for shard in shard_files:
+            # safetensors wants "cuda:N" spelled out; torch.device gives that via str()
+            with safe_open(str(shard), framework="pt", device=str(device)) as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    if name not in expected:
+                        raise ValueError(
+                            f"unexpected weight {name!r} in {shard.name}; this "
+                            "does not look like a LLaDA checkpoint"
+                        )
+                    if name in state:
+                        raise ValueError(f"weight {name!r} appears in more than one shard")
+                    tensor = f.get_tensor(name)
+                    if tuple(tensor.shape) != expected[name]:
+                        raise ValueError(
+                            f"weight {name!r} has shape {tuple(tensor.shape)}, "
+                            f"config.json implies {expected[name]}"
+                        )
+                    if dtype is not None and tensor.dtype != dtype:
+                        tensor = tensor.to(dtype)  # one tensor at a time: no second model copy
+                    state[name] = tensor
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+            raise ValueError(f"checkpoint {str(folder)!r} lacks weights {missing[:5]}{more}")
+        target = state["model.transformer.wte.weight"].dtype
+        for name, tensor in state.items():
+            if tensor.dtype != target:
+                state[name] = tensor.to(target)
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.eval()
+
+    def save_pretrained(
+        self, folder: str | os.PathLike, *, max_shard_size: int = DEFAULT_MAX_SHARD_BYTES
+    ) -> None:
+        """Write ``config.json`` and the weights in the published layout, atomically.
+
+        Everything is first written to a temporary folder next to ``folder``. A new
+        ``folder`` is then created by one rename; into an existing folder each file is moved
+        with an atomic ``os.replace`` and weight files of an earlier save that the new one
+        does not use are removed (other files, e.g. ``tokenizer.json``, are kept).
+
+        Parameters
+        ----------
+        folder : str or PathLike
+            Destination.
+        max_shard_size : int
+            Largest shard in bytes (default 5 GiB). Above it the weights are split into
+            ``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``;
+            a single tensor larger than the limit gets a shard of its own.
+        """
+        from safetensors.torch import save_file
+
+        if not isinstance(max_shard_size, int) or max_shard_size <= 0:
+            raise ValueError(f"max_shard_size must be a positive int, got {max_shard_size!r}")
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        if any(t.device.type == "meta" for t in state.values()):
+            raise ValueError("cannot save a model whose weights are still on the meta device")
+
+        shards: list[list[str]] = [[]]
+        size = 0
+        for name, t in state.items():
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_size:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += nbytes
+
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        try:
+            config = self.config.to_dict()
+            config["torch_dtype"] = str(self.dtype).removeprefix("torch.")
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+            written: list[str] = [CONFIG_NAME]
+            if len(shards) == 1:
+                save_file(
+                    {k: state[k] for k in shards[0]},
+                    str(tmp / WEIGHTS_NAME),
+                    metadata={"format": "pt"},
+                )
+                written.append(WEIGHTS_NAME)
+            else:
+                weight_map = {}
+                for i, names in enumerate(shards):
+                    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                    save_file(
+                        {k: state[k] for k in names}, str(tmp / fname), metadata={"format": "pt"}
+                    )
+                    weight_map.update(dict.fromkeys(names, fname))
+                    written.append(fname)
+                total = sum(t.numel() * t.element_size() for t in state.values())
+                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+                (tmp / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+                written.append(WEIGHTS_INDEX_NAME)
+
+            if not folder.exists():
+                os.rename(tmp, folder)
+                return
+            if not folder.is_dir():
+                raise FileExistsError(f"{str(folder)!r} exists and is not a folder")
+            stale_index = folder / WEIGHTS_INDEX_NAME
+            if WEIGHTS_INDEX_NAME not in written and stale_index.exists():
+                # an old index would otherwise win over the new model.safetensors
+                stale_index.unlink()
+            # shards before the index that names them, so an index never points at nothing
+            for name in sorted(written, key=lambda n: n == WEIGHTS_INDEX_NAME):
+                os.replace(tmp / name, folder / name)
+            for stale in folder.iterdir():
+                if _WEIGHT_FILE.fullmatch(stale.name) and stale.name not in written:
+                    stale.unlink()
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _shard_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder, validated against the index if any."""
+    index_path = folder / WEIGHTS_INDEX_NAME
+    single = folder / WEIGHTS_NAME
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text())
+            weight_map = index["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"{str(index_path)!r} is not a valid safetensors index "
+                "(expected a JSON object with a 'weight_map' dict)"
+            ) from e
+        files = []
+        for fname in dict.fromkeys(weight_map.values()):
+            path = folder / fname
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"shard {fname!r} named in {WEIGHTS_INDEX_NAME} is missing from {str(folder)!r}"
+                )
+            files.append(path)
+        return files
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {str(folder)!r}")
