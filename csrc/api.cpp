@@ -84,8 +84,14 @@ llada_status check_shape(const llada_tensor* t, const char* name, int dim, int64
   return LLADA_OK;
 }
 
+int64_t numel(const llada_tensor* t) {
+  int64_t n = 1;
+  for (int i = 0; i < t->ndim; ++i) n *= t->shape[i];
+  return n;
+}
+
 llada_status check_inner_contiguous(const llada_tensor* t, const char* name) {
-  if (t->ndim > 0 && t->shape[t->ndim - 1] > 1 && t->strides[t->ndim - 1] != 1)
+  if (t->ndim > 0 && numel(t) > 0 && t->shape[t->ndim - 1] > 1 && t->strides[t->ndim - 1] != 1)
     return set_error(LLADA_ERROR_INVALID_ARGUMENT,
                      "%s: the last dimension must be contiguous (stride 1), got stride %lld", name,
                      (long long)t->strides[t->ndim - 1]);
