@@ -82,11 +82,14 @@ def _inner_contiguous(t: Tensor) -> Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
-def _eager() -> bool:
-    """True when value checks that read tensor data (and would sync or break a graph) may run."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+def _eager(t: Tensor) -> bool:
+    """True when value checks that read t's data may run: eager mode on a CPU tensor.
+
+    On CUDA such checks would make the host wait for the device (and break CUDA-graph capture),
+    so they are skipped there; the kernels turn out-of-range values into a defined result
+    (NaN loss for a target outside the vocabulary, 0 for a negative num_transfer).
+    """
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 # ---------------------------------------------------------------------------------------
@@ -309,7 +312,7 @@ def _check_ce_targets(
         raise ValueError(f"targets: expected shape {lead}, got {tuple(targets.shape)}")
     if tuple(weights.shape) != lead:
         raise ValueError(f"weights: expected shape {lead}, got {tuple(weights.shape)}")
-    if _eager() and targets.numel() > 0:
+    if _eager(targets) and targets.numel() > 0:
         active = weights != 0
         bad = active & ((targets < 0) | (targets >= vocab))
         if bool(bad.any()):
@@ -688,7 +691,7 @@ def _remask_args(
         if tuple(num_transfer.shape) != (B,):
             raise ValueError(f"num_transfer: expected shape [{B}], got {tuple(num_transfer.shape)}")
         num_transfer = num_transfer.to(torch.int64)
-        if _eager() and B > 0 and bool((num_transfer < 0).any()):
+        if _eager(num_transfer) and B > 0 and bool((num_transfer < 0).any()):
             raise ValueError("num_transfer: values must be >= 0")
     elif isinstance(num_transfer, int) and not isinstance(num_transfer, bool):
         if num_transfer < 0:

@@ -13,5 +13,8 @@ ruff format --check .
 echo "[test] clang-format"
 find csrc $( [ -d examples ] && echo examples ) -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.c' \
   | xargs clang-format --dry-run --Werror
+# Sleeping (not spinning) OpenMP workers: torch and the kernels share one libgomp, and the
+# multi-process tests would otherwise oversubscribe the cores.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 echo "[test] pytest"
 python -m pytest python_tests -q "$@"

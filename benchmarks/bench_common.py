@@ -1,0 +1,310 @@
+"""Shared pieces of the benchmarks: run metadata, timing, device peaks, result files.
+
+Every figure a benchmark reports is put next to a ceiling measured *in the same run* on the
+same device (a large matmul for FLOP/s, a large copy for bytes/s), so a number can be read as
+"fraction of what this machine does" rather than against a datasheet.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+# ---------------------------------------------------------------------------------------
+# metadata
+# ---------------------------------------------------------------------------------------
+
+
+def git_commit() -> str:
+    """Commit hash of the checkout (with ``-dirty`` when tracked files differ), or "unknown"."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+        return sha + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (falls back to platform.processor())."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    """Human-readable name of ``device`` (GPU name, or CPU model plus usable cores)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cpu_name()} ({cores} cores, {torch.get_num_threads()} torch threads)"
+
+
+def run_metadata(device: torch.device) -> dict[str, Any]:
+    """Device, commit, date, library versions: the header of every result file."""
+    try:
+        import llada_ext
+
+        lx_version = llada_ext.__version__
+        cuda_kernels = bool(llada_ext.has_cuda_kernels())
+    except Exception as e:  # noqa: BLE001 - a broken build is reported, not fatal here
+        lx_version, cuda_kernels = f"unavailable ({e})", False
+    meta = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "commit": git_commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "llada_ext": lx_version,
+        "llada_ext_cuda_kernels": cuda_kernels,
+        "host": platform.node(),
+        # thread settings change CPU figures a lot on a shared machine; keep them with the data
+        "env": {
+            k: os.environ[k]
+            for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "CUDA_VISIBLE_DEVICES")
+            if k in os.environ
+        },
+    }
+    if device.type == "cuda":
+        meta["cuda"] = torch.version.cuda
+    return meta
+
+
+# ---------------------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(
+    fn: Callable[[], Any],
+    device: torch.device,
+    *,
+    warmup: int = 1,
+    reps: int = 5,
+    min_time: float = 0.0,
+    max_reps: int = 1000,
+) -> float:
+    """Median wall time of ``fn()`` in seconds (device-synchronised).
+
+    Parameters
+    ----------
+    fn : callable
+        The work to time; its result is discarded.
+    device : torch.device
+        Synchronised before and after every call so queued GPU work is counted.
+    warmup, reps : int
+        Untimed calls first, then at least ``reps`` timed calls.
+    min_time : float
+        Keep timing (up to ``max_reps`` calls) until this many seconds were spent, which
+        steadies very short kernels.
+    """
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times: list[float] = []
+    total = 0.0
+    while len(times) < reps or (total < min_time and len(times) < max_reps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        dt = time.perf_counter() - t0
+        times.append(dt)
+        total += dt
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------
+# device ceilings
+# ---------------------------------------------------------------------------------------
+
+
+def measure_matmul_tflops(
+    device: torch.device, dtype: torch.dtype = torch.float32, n: Optional[int] = None
+) -> float:
+    """TFLOP/s of a large square matmul in ``dtype``: the compute ceiling of this run.
+
+    CUDA float32 is measured with TF32 off, as the kernels that run in float32 use it.
+    """
+    if n is None:
+        n = 8192 if device.type == "cuda" else 2048
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        sec = time_fn(lambda: torch.mm(a, b), device, warmup=2, reps=5, min_time=0.3)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    return 2.0 * n**3 / sec / 1e12
+
+
+def measure_copy_gbps(device: torch.device, nbytes: Optional[int] = None) -> float:
+    """GB/s of a large device-to-device copy, counting bytes read plus bytes written."""
+    if nbytes is None:
+        nbytes = (2 << 30) if device.type == "cuda" else (256 << 20)
+    src = torch.ones(nbytes // 4, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    sec = time_fn(lambda: dst.copy_(src), device, warmup=2, reps=5, min_time=0.3)
+    return 2.0 * nbytes / sec / 1e9
+
+
+def measure_peaks(
+    device: torch.device, matmul_dtypes: tuple[torch.dtype, ...] = ()
+) -> dict[str, float]:
+    """Copy bandwidth and matmul throughput of ``device`` measured now.
+
+    Returns
+    -------
+    dict
+        ``copy_gbps`` and ``matmul_tflops_<dtype>`` for every dtype asked for (default:
+        float32 on CPU, float32 and bfloat16 on CUDA).
+    """
+    if not matmul_dtypes:
+        matmul_dtypes = (
+            (torch.float32, torch.bfloat16) if device.type == "cuda" else (torch.float32,)
+        )
+    peaks = {"copy_gbps": measure_copy_gbps(device)}
+    for dt in matmul_dtypes:
+        peaks[f"matmul_tflops_{dtype_name(dt)}"] = measure_matmul_tflops(device, dt)
+    return peaks
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# ---------------------------------------------------------------------------------------
+# reference remask step (the public LLaDA generate.py, plain torch)
+# ---------------------------------------------------------------------------------------
+
+
+def torch_remask_step(
+    logits: torch.Tensor, x: torch.Tensor, num_transfer: torch.Tensor, mask_id: int, offset: int = 0
+) -> torch.Tensor:
+    """One low-confidence remasking step written the way the public LLaDA sampler writes it.
+
+    argmax over the vocabulary, softmax + gather for the confidence, ``-inf`` outside the
+    candidates, then one ``topk`` per row (the per-row ``k`` is read on the host, as there).
+
+    Parameters
+    ----------
+    logits : Tensor
+        [B, W, V] predictions for ``x[:, offset:offset + W]``.
+    x : Tensor
+        int64 [B, L] current sequence (not modified).
+    num_transfer : Tensor
+        int64 [B] tokens to unmask per row.
+    mask_id : int
+        Mask token id.
+    offset : int
+        Start of the window in ``x``.
+
+    Returns
+    -------
+    Tensor
+        int64 [B, L]: the new sequence.
+    """
+    W = logits.shape[1]
+    xw = x[:, offset : offset + W]
+    mask_index = xw == mask_id
+    x0 = torch.argmax(logits, dim=-1)
+    p = F.softmax(logits, dim=-1)
+    x0_p = torch.squeeze(torch.gather(p, dim=-1, index=torch.unsqueeze(x0, -1)), -1)
+    x0 = torch.where(mask_index, x0, xw)
+    confidence = torch.where(mask_index, x0_p, -math.inf)
+    transfer = torch.zeros_like(x0, dtype=torch.bool)
+    ks = num_transfer.tolist()
+    for j in range(confidence.shape[0]):
+        _, select = torch.topk(confidence[j], k=int(ks[j]))
+        transfer[j, select] = True
+    out = x.clone()
+    window = out[:, offset : offset + W]
+    window[transfer] = x0[transfer]
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# result files
+# ---------------------------------------------------------------------------------------
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe copy: non-finite floats become None (strict JSON has no NaN/inf)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_clean(data), indent=2, allow_nan=False) + "\n")
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """Compact cell text for markdown tables."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "-"
+        if value == 0:
+            return "0"
+        mag = abs(value)
+        if mag >= 1000:
+            return f"{value:,.0f}"
+        if mag >= 1:
+            return f"{value:.{max(digits - 1, 1)}f}" if mag < 10 else f"{value:.1f}"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(c) for c in r) + " |")
+    return "\n".join(lines) + "\n"

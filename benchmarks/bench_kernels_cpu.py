@@ -1,0 +1,226 @@
+"""Kernel speed vs plain torch, as a table and as result files.
+
+Runs the cases of ``kernel_cases.py`` (remask, masked cross-entropy fwd+bwd, attention forward
+and forward+backward) on the CPU (or ``--device cuda``), timing the implementations of a case
+round-robin so that a busy machine slows them alike, and writes
+``results/kernels_<device>.json`` and ``.md`` with the device, commit, date, torch version,
+the device ceilings measured in the same run and every figure.
+
+Usage::
+
+    python benchmarks/bench_kernels_cpu.py [--device cpu|cuda] [--reps 5] [--no-compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import (  # noqa: E402
+    RESULTS_DIR,
+    markdown_table,
+    measure_peaks,
+    run_metadata,
+    sync,
+    write_json,
+)
+from kernel_cases import BUILDERS, Case  # noqa: E402
+
+DEFAULT_CASES = ["remask", "masked_ce", "attention_fwd", "attention_fwd_bwd", "linear_ce"]
+
+
+def time_case(case: Case, reps: int, warmup: int = 1) -> list[float]:
+    """Median seconds of every implementation of ``case``, timed round-robin."""
+    for impl in case.impls:
+        for _ in range(warmup):
+            impl.fn()
+        sync(case.device)
+    times: list[list[float]] = [[] for _ in case.impls]
+    for _ in range(reps):
+        for i, impl in enumerate(case.impls):
+            t0 = time.perf_counter()
+            impl.fn()
+            sync(case.device)
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def summarize(case: Case, medians: list[float], peaks: dict[str, float]) -> dict[str, Any]:
+    names = [i.name for i in case.impls]
+    base = medians[names.index(case.baseline)]
+    peak = peaks[case.peak_key]
+    impls = []
+    for name, sec in zip(names, medians):
+        rate = case.rate(sec)
+        impls.append(
+            {
+                "name": name,
+                "median_s": sec,
+                "rate": rate,
+                "fraction_of_peak": rate / peak,
+                "speedup_vs_baseline": base / sec,
+            }
+        )
+    speedup = base / medians[0]
+    return {
+        "key": case.key,
+        "title": case.title,
+        "shape": case.shape,
+        "unit": case.unit,
+        "work": case.work,
+        "peak_key": case.peak_key,
+        "peak": peak,
+        "ours": names[0],
+        "baseline": case.baseline,
+        "speedup": speedup,
+        "target": case.target,
+        "target_text": case.target_text,
+        "meets_target": None if case.target is None else bool(speedup >= case.target),
+        "impls": impls,
+        "unavailable": case.skipped,
+    }
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    meta = result["meta"]
+    peaks = result["peaks"]
+    lines = [
+        f"# Kernel benchmarks on {meta['device_type'].upper()}",
+        "",
+        f"- device: {meta['device']}",
+        f"- commit: `{meta['commit']}`, date: {meta['date']}, torch {meta['torch']}",
+        "- ceilings measured in this run: " + ", ".join(f"{k} = {v:.3g}" for k, v in peaks.items()),
+        "- times are medians; implementations of a case were timed round-robin",
+        "",
+    ]
+    rows = []
+    for c in result["cases"]:
+        for im in c["impls"]:
+            rows.append(
+                [
+                    c["key"],
+                    im["name"],
+                    im["median_s"] * 1e3,
+                    f"{im['rate']:.3g} {c['unit']}",
+                    f"{100 * im['fraction_of_peak']:.1f}%",
+                    im["speedup_vs_baseline"],
+                ]
+            )
+    lines.append(
+        markdown_table(
+            ["case", "implementation", "ms", "rate", "of peak", "speed vs baseline"], rows
+        )
+    )
+    lines += ["## Targets", ""]
+    trows = []
+    for c in result["cases"]:
+        verdict = "-" if c["meets_target"] is None else ("met" if c["meets_target"] else "MISSED")
+        trows.append(
+            [
+                c["title"],
+                f"{c['ours']} vs {c['baseline']}",
+                f"{c['speedup']:.2f}x",
+                c["target_text"],
+                verdict,
+            ]
+        )
+    lines.append(markdown_table(["case", "comparison", "measured", "target", "verdict"], trows))
+    unavailable = [
+        (c["key"], n, why) for c in result["cases"] for n, why in c["unavailable"].items()
+    ]
+    if unavailable:
+        lines += ["## Baselines not run", ""]
+        lines += [f"- {k}: {n}: {why}" for k, n, why in unavailable]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)"
+    )
+    ap.add_argument(
+        "--cases",
+        nargs="+",
+        default=DEFAULT_CASES,
+        choices=list(BUILDERS),
+        help="which cases to run (default all)",
+    )
+    ap.add_argument(
+        "--reps",
+        type=int,
+        default=None,
+        help="timed calls per implementation (default 5 on CPU, 30 on CUDA)",
+    )
+    ap.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="skip the torch.compile'd cross-entropy baseline (its compile takes "
+        "a minute on a small CPU)",
+    )
+    ap.add_argument(
+        "--out", type=Path, default=RESULTS_DIR, help=f"output folder (default {RESULTS_DIR})"
+    )
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device visible to torch", file=sys.stderr)
+        return 2
+    reps = args.reps or (5 if device.type == "cpu" else 30)
+
+    t_start = time.perf_counter()
+    meta = run_metadata(device)
+    print(f"device: {meta['device']}\ncommit: {meta['commit']}  torch {meta['torch']}")
+    peaks = measure_peaks(device)
+    print("ceilings: " + ", ".join(f"{k} = {v:.3g}" for k, v in peaks.items()))
+
+    cases = []
+    for key in args.cases:
+        kwargs = {"with_compile": not args.no_compile} if key == "masked_ce" else {}
+        case = BUILDERS[key](device, **kwargs)
+        if case is None:
+            print(f"[{key}] not available on {device.type}, skipped")
+            continue
+        medians = time_case(case, reps)
+        summary = summarize(case, medians, peaks)
+        cases.append(summary)
+        print(f"\n[{case.title}]")
+        for im in summary["impls"]:
+            print(
+                f"  {im['name']:<34} {im['median_s'] * 1e3:9.2f} ms  {im['rate']:8.3g} "
+                f"{case.unit:<7} {100 * im['fraction_of_peak']:5.1f}% of peak  "
+                f"{im['speedup_vs_baseline']:6.2f}x vs baseline"
+            )
+        for name, why in case.skipped.items():
+            print(f"  {name}: not run ({why})")
+        del case  # free the inputs before the next case
+
+    result = {
+        "meta": meta,
+        "peaks": peaks,
+        "reps": reps,
+        "cases": cases,
+        "wall_s": time.perf_counter() - t_start,
+    }
+    stem = f"kernels_{device.type}"
+    write_json(args.out / f"{stem}.json", result)
+    md = render_markdown(result)
+    (args.out / f"{stem}.md").write_text(md)
+    print("\n" + md.split("## Targets", 1)[1].strip())
+    print(f"\nwrote {args.out / (stem + '.json')} and .md  ({result['wall_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

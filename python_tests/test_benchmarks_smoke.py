@@ -1,0 +1,217 @@
+"""Smoke tests of the benchmark scripts: the CPU throughput grid runs end to end and writes
+finite, positive figures; the plain-torch reference paths the benchmarks compare against
+compute what the library computes; ``llada-ext bench`` forwards to the throughput script."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+lx = pytest.importorskip("llada_ext")
+
+
+@pytest.fixture(scope="module")
+def bench_modules():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_common
+        import throughput
+
+        yield bench_common, throughput
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("throughput")
+    env = dict(os.environ)
+    # one thread: a busy 2-core CI box otherwise spends its time in OpenMP spin-waits
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "throughput.py"), "--cpu", "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    return out, proc.stdout
+
+
+def _positive_finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_cpu_smoke_writes_json_markdown_png(smoke_run):
+    out, stdout = smoke_run
+    data = json.loads((out / "throughput_smoke_cpu.json").read_text())
+    for key in ("device", "commit", "date", "torch"):
+        assert data["meta"][key], key
+    assert _positive_finite(data["copy_gbps"]) and _positive_finite(data["matmul_tflops"])
+    ok = [r for r in data["records"] if r["status"] == "ok"]
+    methods = {r["method"] for r in ok}
+    assert {"ar", "diffusion-none", "diffusion-prefix", "diffusion-dual", "reference"} <= methods
+    for r in ok:
+        for key in (
+            "tokens_per_s",
+            "ms_per_step",
+            "wall_s",
+            "peak_mem_bytes",
+            "ceiling_tokens_per_s",
+            "fraction_of_ceiling",
+            "weight_bytes_per_step",
+        ):
+            assert _positive_finite(r[key]), (r["method"], key, r[key])
+        # tokens/s and ms/step describe the same wall time
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] * r["gen"] / r["wall_s"], rel=1e-9)
+        assert r["ms_per_step"] == pytest.approx(1e3 * r["wall_s"] / r["steps"], rel=1e-9)
+        assert r["steps"] * r["tokens_per_step"] == r["gen"]
+    # the ceiling grows linearly with tokens per step and batch
+    for r in ok:
+        per = r["ceiling_tokens_per_s"] / (r["tokens_per_step"] * r["batch"])
+        assert per == pytest.approx(r["ceiling_steps_per_s"], rel=1e-9)
+    assert any(t.get("vs_ar") and t.get("vs_reference") for t in data["targets"])
+    md = (out / "throughput_smoke_cpu.md").read_text()
+    assert "| model |" in md and "diffusion-prefix" in md and "ceiling" in md
+    pngs = sorted(out.glob("*.png"))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert data["plot_note"] and "matplotlib" in data["plot_note"]
+    else:
+        assert pngs, "no plot written"
+        for p in pngs:
+            assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "vs AR" in stdout
+
+
+def test_reference_step_matches_lx_remask(bench_modules):
+    """The plain-torch step the kernel benchmark times does what lx.remask does."""
+    bench_common, _ = bench_modules
+    g = torch.Generator().manual_seed(0)
+    B, P, W, V, mask_id = 3, 5, 37, 101, 100
+    logits = torch.randn(B, W, V, generator=g)
+    x = torch.randint(0, V - 1, (B, P + W), generator=g)
+    x[:, P:][torch.rand(B, W, generator=g) < 0.7] = mask_id
+    nt = torch.tensor([1, 4, 9])
+    ref = bench_common.torch_remask_step(logits, x, nt, mask_id=mask_id, offset=P)
+    ours = lx.remask(logits, x, nt, mask_id=mask_id, offset=P)
+    assert torch.equal(ref, ours)
+    assert not torch.equal(ref, x)  # something was unmasked
+
+
+def test_reference_sampler_matches_generate(bench_modules):
+    """The benchmark's reference loop is the public sampler: same tokens as lx.generate."""
+    _, throughput = bench_modules
+    from llada_ext.model import LLaDAConfig, LLaDAModel
+
+    torch.manual_seed(0)
+    model = LLaDAModel(LLaDAConfig.preset("tiny"), backend="torch").eval()
+    prompt = torch.randint(0, 256, (2, 7))
+    kw = {"gen_length": 16, "steps": 8, "block_length": 8}
+    ref = throughput.reference_generate(model, prompt, mask_id=258, **kw)
+    ours = lx.generate(model, prompt, **kw) if hasattr(lx, "generate") else None
+    if ours is None:
+        from llada_ext.sampling import generate
+
+        ours = generate(model, prompt, **kw)
+    assert (ref[:, 7:] != 258).all()
+    assert torch.equal(ref, ours)
+
+
+def test_bench_cli_forwards_to_throughput(capsys):
+    from llada_ext import bench
+
+    assert bench.find_benchmarks_dir() == BENCH
+    assert bench.main(["--help"]) == 0
+    assert "--cpu" in capsys.readouterr().out
+    assert bench.main(["--no-such-option"]) == 2
+
+
+def test_ar_baseline_cache_matches_recompute():
+    """The AR baseline's static-cache decoding equals greedy decoding that recomputes the
+    whole causal prefix each step (so the cache is read and written at the right places)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import ar_baseline
+    finally:
+        sys.path.remove(str(BENCH))
+    from llada_ext.model import LLaDAConfig
+
+    cfg = LLaDAConfig.preset("tiny")
+    model = ar_baseline.build_ar_model(cfg, torch.device("cpu"), torch.float32, seed=3)
+    # random weights give near-uniform logits; sharpen them so greedy picks are well separated
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50.0)
+    prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(0))
+    out, _ = ar_baseline.ARDecoder(model, compile=False).generate(prompt, 6)
+    assert out.shape == (2, 11) and torch.equal(out[:, :5], prompt)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(6):
+            model.setup_cache(2, seq.shape[1])
+            logits = model(seq, torch.arange(seq.shape[1]))
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+def test_graphed_sampler_logic_matches_generate(bench_modules, cache):
+    """The CUDA-graph sampler's static-buffer schedule, with "capture" replaced by re-running
+    the captured function into the same output tensors (what a graph replay does), decodes
+    the same tokens as llada_ext.generate. The real capture needs a GPU."""
+    _, throughput = bench_modules
+    from llada_ext.model import KVCache, LLaDAConfig, LLaDAModel
+    from llada_ext.sampling import generate
+
+    def copy_into(dst, src):
+        if isinstance(dst, torch.Tensor):
+            dst.copy_(src)
+        elif isinstance(dst, KVCache):
+            for a, b in zip(dst.k + dst.v, src.k + src.v):
+                a.copy_(b)
+        elif isinstance(dst, (tuple, list)):
+            for a, b in zip(dst, src):
+                copy_into(a, b)
+
+    class Replay:
+        def __init__(self, fn, out):
+            self.fn, self.out = fn, out
+
+        def replay(self):
+            copy_into(self.out, self.fn())
+
+    class CpuGraphedSampler(throughput.GraphedSampler):
+        def _new_pool(self):
+            return None
+
+        def _capture(self, fn):
+            out = fn()
+            return Replay(fn, out), out
+
+    torch.manual_seed(1)
+    model = LLaDAModel(LLaDAConfig.preset("tiny")).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)  # distinct confidences: no near-ties between paths
+    prompt = torch.randint(0, 256, (2, 9))
+    kw = {"gen_length": 24, "steps": 12, "block_length": 8}
+    sampler = CpuGraphedSampler(model, cache)
+    first = sampler.generate(prompt, **kw)
+    again = sampler.generate(prompt, **kw)  # buffers reused, state reset between calls
+    expect = generate(model, prompt, cache=cache, **kw)
+    assert (expect[:, 9:] != 258).all()
+    assert torch.equal(first, expect)
+    assert torch.equal(again, expect)
