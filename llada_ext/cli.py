@@ -1,0 +1,758 @@
+"""The ``llada-ext`` command line: train, fine-tune, sample, score, benchmark, demo.
+
+Every sub-command has ``--help``. User errors (missing files, bad settings, out of memory)
+print one plain line and exit with status 1 (2 for bad command-line syntax); set
+``LLADA_DEBUG=1`` or pass ``--debug`` to get the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+_PRESETS = ("tiny", "1b", "8b")
+
+
+class CLIError(Exception):
+    """An error caused by the user's input; printed without a traceback."""
+
+
+# ------------------------------------------------------------------------------------------
+# argument definitions
+# ------------------------------------------------------------------------------------------
+def _add_common_runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="where to run: 'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N' "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("kernels", "torch"),
+        default="kernels",
+        help="'kernels': the library's fused attention / masked cross-entropy; 'torch': plain "
+        "PyTorch (reference) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="random seed (integer, default: %(default)s)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for PyTorch (default: PyTorch's choice)",
+    )
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+
+def _add_training_args(p: argparse.ArgumentParser, *, sft: bool) -> None:
+    d = p.add_argument_group("data")
+    d.add_argument(
+        "--data",
+        nargs="+",
+        metavar="PATH",
+        default=[],
+        help=(
+            "training files or folders: .txt/.md (one document per file) or .jsonl/.json (one "
+            + (
+                "record per line with 'prompt'/'response' or 'messages')"
+                if sft
+                else "record per line with a 'text' field)"
+            )
+        ),
+    )
+    d.add_argument(
+        "--data-format",
+        choices=("auto", "text", "jsonl"),
+        default="auto",
+        help="how to read --data files; 'auto' goes by suffix (default: %(default)s)",
+    )
+    d.add_argument(
+        "--hf-dataset",
+        metavar="NAME",
+        default=None,
+        help="Hugging Face dataset to read instead of / besides --data (needs the `datasets` "
+        "package and network access or a local cache)",
+    )
+    d.add_argument("--hf-config", default=None, help="dataset configuration name")
+    d.add_argument("--hf-split", default="train", help="dataset split (default: %(default)s)")
+    d.add_argument(
+        "--hf-limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="read at most N records of the dataset (default: all)",
+    )
+    if sft:
+        d.add_argument(
+            "--chat-template",
+            action="store_true",
+            help="wrap 'prompt'/'response' pairs in the tokenizer's chat template "
+            "('messages' records always use it)",
+        )
+    else:
+        d.add_argument(
+            "--text-field",
+            default="text",
+            help="JSONL field holding the document text (default: %(default)s)",
+        )
+        d.add_argument("--add-bos", action="store_true", help="prepend BOS to every document")
+    d.add_argument(
+        "--seq-len",
+        type=int,
+        default=256 if not sft else 512,
+        help="tokens per training sequence"
+        + (" (prompt + answer + EOS padding)" if sft else " (documents are packed)")
+        + " (default: %(default)s)",
+    )
+
+    m = p.add_argument_group("model")
+    m.add_argument(
+        "--preset",
+        choices=_PRESETS,
+        default="tiny",
+        help="architecture of a model trained from scratch: 'tiny' (byte-level, ~1M "
+        "parameters), '1b', '8b' (default: %(default)s)",
+    )
+    m.add_argument(
+        "--model-config",
+        metavar="FILE",
+        default=None,
+        help="config.json of the architecture (overrides --preset)",
+    )
+    m.add_argument(
+        "--init-from",
+        metavar="FOLDER",
+        default=None,
+        help="start from the weights of a saved model folder (config.json + safetensors)"
+        + (", e.g. a pre-trained run" if sft else ""),
+    )
+    m.add_argument(
+        "--tokenizer",
+        metavar="FOLDER",
+        default=None,
+        help="folder with tokenizer.json (default: the --init-from folder if it has one, "
+        "else the byte tokenizer of the tiny preset)",
+    )
+
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--steps", type=int, default=1000, help="optimizer steps (default: %(default)s)")
+    o.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="sequences per micro-batch per process (default: %(default)s)",
+    )
+    o.add_argument(
+        "--grad-accum",
+        type=int,
+        default=1,
+        help="micro-batches accumulated per optimizer step (default: %(default)s)",
+    )
+    o.add_argument(
+        "--lr", type=float, default=4e-4, help="peak learning rate (default: %(default)s)"
+    )
+    o.add_argument(
+        "--min-lr-ratio",
+        type=float,
+        default=0.1,
+        help="final learning rate as a fraction of --lr (default: %(default)s)",
+    )
+    o.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=100,
+        help="linear warmup, in optimizer steps (default: %(default)s)",
+    )
+    o.add_argument(
+        "--decay-frac",
+        type=float,
+        default=0.2,
+        help="fraction of --steps at the end spent decaying the learning rate "
+        "(warmup-stable-decay schedule) (default: %(default)s)",
+    )
+    o.add_argument(
+        "--decay-shape",
+        choices=("linear", "cosine", "sqrt"),
+        default="linear",
+        help="shape of the final decay (default: %(default)s)",
+    )
+    o.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.1,
+        help="AdamW weight decay of weight matrices; norms and embeddings get none "
+        "(default: %(default)s)",
+    )
+    o.add_argument(
+        "--grad-clip",
+        type=float,
+        default=1.0,
+        help="clip the global gradient norm to this value, 0 = off (default: %(default)s)",
+    )
+    o.add_argument(
+        "--mask-eps",
+        type=float,
+        default=1e-3,
+        help="smallest masking probability: p_mask = (1 - eps) * t + eps (default: %(default)s)",
+    )
+    if not sft:
+        o.add_argument(
+            "--random-length-prob",
+            type=float,
+            default=0.01,
+            help="probability that a batch is cut to a random length in [1, seq-len] "
+            "(default: %(default)s)",
+        )
+    o.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="'auto': bfloat16 autocast on CUDA, float32 on CPU (default: %(default)s)",
+    )
+    o.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute activations in the backward pass (less memory, more compute)",
+    )
+    o.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard the model with FSDP2 across processes (launch with torchrun); default "
+        "is DDP when several processes run",
+    )
+
+    c = p.add_argument_group("output")
+    c.add_argument(
+        "--out",
+        default="runs/" + ("sft" if sft else "pretrain"),
+        help="output folder: model weights, checkpoints/, metrics.jsonl (default: %(default)s)",
+    )
+    c.add_argument(
+        "--save-every",
+        type=int,
+        default=500,
+        help="write a checkpoint every N optimizer steps, 0 = only at the end "
+        "(default: %(default)s)",
+    )
+    c.add_argument(
+        "--keep-last",
+        type=int,
+        default=3,
+        help="checkpoints to keep, 0 = all (default: %(default)s)",
+    )
+    c.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="PATH",
+        help="continue a run: alone, from the newest checkpoint in --out (starting fresh if "
+        "there is none); or from a checkpoint file / run folder",
+    )
+    c.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_common_runtime(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``llada-ext`` argument parser with all sub-commands.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+    """
+    parser = argparse.ArgumentParser(
+        prog="llada-ext",
+        description="Masked diffusion language models (LLaDA): train, fine-tune, sample, score "
+        "and benchmark with the llada_ext kernels. Start with `llada-ext demo`.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "train",
+        help="pre-train a model (Alg. 1: random masking of all tokens)",
+        description="Pre-train a LLaDA mask predictor on text (Alg. 1). Multi-GPU: "
+        "torchrun --nproc-per-node N -m llada_ext.cli train ...",
+    )
+    _add_training_args(p, sft=False)
+    p.set_defaults(func=_cmd_train, objective="pretrain")
+
+    p = sub.add_parser(
+        "sft",
+        help="supervised fine-tuning (Alg. 2: prompt kept, answer masked)",
+        description="Fine-tune on prompt/response pairs (Alg. 2): the prompt is never masked, "
+        "the answer is padded with EOS to --seq-len and the padding is trained.",
+    )
+    _add_training_args(p, sft=True)
+    p.set_defaults(func=_cmd_train, objective="sft")
+
+    p = sub.add_parser(
+        "sample",
+        help="generate answers for prompts",
+        description="Load a saved model folder and generate an answer for each prompt with "
+        "the reverse process (low-confidence remasking, semi-autoregressive blocks).",
+    )
+    p.add_argument("--model", required=True, metavar="FOLDER", help="saved model folder")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="prompt text (repeat for several prompts)",
+    )
+    p.add_argument("--prompt-file", metavar="FILE", help="file with one prompt per line")
+    p.add_argument(
+        "--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template"
+    )
+    p.add_argument(
+        "--gen-length", type=int, default=64, help="answer length in tokens (default: %(default)s)"
+    )
+    p.add_argument(
+        "--steps", type=int, default=64, help="sampling steps in total (default: %(default)s)"
+    )
+    p.add_argument(
+        "--block-length",
+        type=int,
+        default=32,
+        help="tokens per semi-autoregressive block; must divide --gen-length "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0 = greedy; > 0 samples (default: %(default)s)",
+    )
+    p.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=0.0,
+        help="classifier-free guidance scale, 0 = off (default: %(default)s)",
+    )
+    p.add_argument(
+        "--remasking",
+        choices=("low_confidence", "random", "margin", "entropy"),
+        default="low_confidence",
+        help="which predictions are kept each step (default: %(default)s)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="weights dtype: 'auto' = bfloat16 on CUDA, float32 on CPU (default: %(default)s)",
+    )
+    p.add_argument("--tokenizer", metavar="FOLDER", help="tokenizer folder (default: --model)")
+    p.add_argument("--json", action="store_true", help="print results as JSON lines")
+    _add_common_runtime(p)
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser(
+        "loglik",
+        help="estimate log p(answer | prompt)",
+        description="Monte Carlo estimate of the conditional log-likelihood (Alg. 3).",
+    )
+    p.add_argument("--model", required=True, metavar="FOLDER", help="saved model folder")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--answer", required=True, help="answer text")
+    p.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template"
+    )
+    p.add_argument(
+        "--mc-num",
+        type=int,
+        default=128,
+        help="Monte Carlo samples, a multiple of --batch-size (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=16, help="samples per forward pass (default: %(default)s)"
+    )
+    p.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=0.0,
+        help="classifier-free guidance scale (default: %(default)s)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="weights dtype: 'auto' = bfloat16 on CUDA, float32 on CPU (default: %(default)s)",
+    )
+    p.add_argument("--tokenizer", metavar="FOLDER", help="tokenizer folder (default: --model)")
+    _add_common_runtime(p)
+    p.set_defaults(func=_cmd_loglik)
+
+    p = sub.add_parser(
+        "bench",
+        help="run the throughput benchmarks (options are passed on; see `bench --help`)",
+        add_help=False,
+    )
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser(
+        "demo",
+        help="train the tiny model on a built-in task for a few minutes and evaluate it",
+        description="Trains the tiny byte-level model on the built-in corpus (reverse / copy "
+        "letter strings), saves it, samples answers for held-out prompts, prints the "
+        "exact-match accuracy and the kernels-vs-torch training throughput.",
+    )
+    from .demo import add_demo_arguments
+
+    add_demo_arguments(p)
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------
+def _set_threads(args: argparse.Namespace) -> None:
+    n = getattr(args, "threads", None)
+    if n is not None:
+        if n < 1:
+            raise CLIError(f"--threads must be >= 1, got {n}")
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def _resolve_dtype(name: str, device: Any) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _load_model(folder: str, device_name: str, dtype_name: str, backend: str) -> Any:
+    from .model import LLaDAModel
+    from .training.distributed import resolve_device
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise CLIError(f"model folder not found: {folder!r}")
+    device = resolve_device(device_name)
+    model = LLaDAModel.from_pretrained(
+        path, device=device, dtype=_resolve_dtype(dtype_name, device), backend=backend
+    )
+    return model.eval()
+
+
+def _answer_text(tokenizer: Any, ids: list[int]) -> str:
+    """Decode an answer, cut at the first EOS or end-of-turn token."""
+    stops = {tokenizer.eos_token_id, getattr(tokenizer, "eot_token_id", None)}
+    for i, t in enumerate(ids):
+        if t in stops:
+            ids = ids[:i]
+            break
+    return tokenizer.decode(ids)
+
+
+def _prompt_ids(tokenizer: Any, text: str, chat: bool) -> list[int]:
+    if chat:
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}]))
+    return list(tokenizer.encode(text))
+
+
+# ------------------------------------------------------------------------------------------
+# commands
+# ------------------------------------------------------------------------------------------
+def _cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from .model import LLaDAConfig, LLaDAModel
+    from .tokenizer import load_tokenizer
+    from .training import (
+        TrainConfig,
+        Trainer,
+        build_pretrain_dataset,
+        build_sft_dataset,
+        cleanup_distributed,
+        init_distributed,
+        load_hf_records,
+        read_records,
+        records_to_pairs,
+        records_to_texts,
+    )
+
+    _set_threads(args)
+    sft = args.objective == "sft"
+    if not args.data and not args.hf_dataset:
+        raise CLIError("no training data: pass --data FILE... and/or --hf-dataset NAME")
+    if args.seq_len < 2:
+        raise CLIError(f"--seq-len must be >= 2, got {args.seq_len}")
+    if args.init_from is not None and not Path(args.init_from).is_dir():
+        raise CLIError(f"--init-from folder not found: {args.init_from!r}")
+    tok_folder = args.tokenizer
+    if (
+        tok_folder is None
+        and args.init_from
+        and (Path(args.init_from) / "tokenizer.json").is_file()
+    ):
+        tok_folder = args.init_from
+    tokenizer = load_tokenizer(tok_folder)
+
+    info = init_distributed(args.device)
+    try:
+        torch.manual_seed(args.seed)  # same initial weights on every rank
+        if args.init_from is not None:
+            model = LLaDAModel.from_pretrained(args.init_from, backend=args.backend)
+        else:
+            if args.model_config is not None:
+                cfg_path = Path(args.model_config)
+                if not cfg_path.is_file():
+                    raise CLIError(f"--model-config file not found: {args.model_config!r}")
+                try:
+                    cfg = LLaDAConfig.from_dict(json.loads(cfg_path.read_text()))
+                except json.JSONDecodeError as e:
+                    raise CLIError(
+                        f"--model-config {args.model_config!r}: bad JSON ({e})"
+                    ) from None
+            else:
+                cfg = LLaDAConfig.preset(args.preset)
+            model = LLaDAModel(cfg, backend=args.backend)
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise CLIError(
+                f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
+                f"{model.config.vocab_size}; pick a matching --tokenizer / model"
+            )
+
+        def records() -> Any:
+            if args.data:
+                yield from read_records(args.data, fmt=args.data_format)
+            if args.hf_dataset:
+                yield from load_hf_records(
+                    args.hf_dataset, config=args.hf_config, split=args.hf_split, limit=args.hf_limit
+                )
+
+        if sft:
+            pairs = records_to_pairs(records(), tokenizer, chat_template=args.chat_template)
+            dataset, dropped = build_sft_dataset(
+                pairs, seq_len=args.seq_len, eos_id=tokenizer.eos_token_id
+            )
+            if dropped and info.is_main:
+                print(f"note: {dropped} examples dropped (prompt longer than --seq-len)")
+        else:
+            texts = records_to_texts(records(), field=args.text_field)
+            dataset = build_pretrain_dataset(
+                texts, tokenizer, seq_len=args.seq_len, add_bos=args.add_bos
+            )
+
+        tc = TrainConfig(
+            objective=args.objective,
+            out_dir=args.out,
+            steps=args.steps,
+            micro_batch_size=args.batch_size,
+            grad_accum=args.grad_accum,
+            lr=args.lr,
+            min_lr_ratio=args.min_lr_ratio,
+            warmup_steps=args.warmup_steps,
+            decay_frac=args.decay_frac,
+            decay_shape=args.decay_shape,
+            weight_decay=args.weight_decay,
+            grad_clip=args.grad_clip,
+            seed=args.seed,
+            mask_eps=args.mask_eps,
+            random_length_prob=0.0 if sft else args.random_length_prob,
+            precision=args.precision,
+            gradient_checkpointing=args.gradient_checkpointing,
+            fsdp=args.fsdp,
+            save_every=args.save_every,
+            keep_last=args.keep_last,
+            progress=not args.no_progress,
+        )
+        trainer = Trainer(model, dataset, tc, dist_info=info, tokenizer_folder=tok_folder)
+        if args.resume is not None:
+            resumed = trainer.resume(args.resume)
+            if info.is_main:
+                print(
+                    f"resumed from {trainer.last_checkpoint} at step {trainer.step}"
+                    if resumed
+                    else "no checkpoint to resume from; starting fresh"
+                )
+        if info.is_main:
+            n_par = model.num_parameters()
+            print(
+                f"{args.objective}: {n_par / 1e6:.2f}M parameters, {len(dataset)} sequences of "
+                f"{dataset.seq_len} tokens, {trainer.sequences_per_step} sequences/step, "
+                f"{info.world_size} process(es) on {info.device}, backend {args.backend}"
+            )
+        result = trainer.train()
+        if info.is_main:
+            last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
+            print(
+                f"step {result.step}/{tc.steps}, last loss {last}, "
+                f"{result.tokens_per_second:,.0f} tokens/s; model saved to {args.out}"
+            )
+        return 130 if result.interrupted else 0
+    finally:
+        cleanup_distributed()
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from .sampling import generate
+    from .tokenizer import load_tokenizer
+
+    _set_threads(args)
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        pf = Path(args.prompt_file)
+        if not pf.is_file():
+            raise CLIError(f"--prompt-file not found: {args.prompt_file!r}")
+        prompts += [line for line in pf.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise CLIError("no prompt: pass --prompt TEXT or --prompt-file FILE")
+    model = _load_model(args.model, args.device, args.dtype, args.backend)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    gen = torch.Generator(device=model.device).manual_seed(args.seed)
+    for text in prompts:
+        ids = _prompt_ids(tokenizer, text, args.chat)
+        x = torch.tensor([ids], dtype=torch.long, device=model.device)
+        out = generate(
+            model,
+            x,
+            gen_length=args.gen_length,
+            steps=args.steps,
+            block_length=args.block_length,
+            temperature=args.temperature,
+            cfg_scale=args.cfg_scale,
+            remasking=args.remasking,
+            generator=gen,
+        )
+        answer = _answer_text(tokenizer, out[0, len(ids) :].tolist())
+        if args.json:
+            print(json.dumps({"prompt": text, "answer": answer}))
+        else:
+            print(f"{text}{answer}" if not args.chat else answer)
+    return 0
+
+
+def _cmd_loglik(args: argparse.Namespace) -> int:
+    import torch
+
+    from .likelihood import log_likelihood
+    from .tokenizer import load_tokenizer
+
+    _set_threads(args)
+    model = _load_model(args.model, args.device, args.dtype, args.backend)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    prompt = torch.tensor(_prompt_ids(tokenizer, args.prompt, args.chat), dtype=torch.long)
+    answer = torch.tensor(tokenizer.encode(args.answer), dtype=torch.long)
+    if answer.numel() == 0:
+        raise CLIError("--answer is empty")
+    gen = torch.Generator().manual_seed(args.seed)
+    ll = log_likelihood(
+        model,
+        prompt.to(model.device),
+        answer.to(model.device),
+        mc_num=args.mc_num,
+        batch_size=args.batch_size,
+        cfg_scale=args.cfg_scale,
+        generator=gen,
+    )
+    print(f"{ll:.6f}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        from . import bench
+    except ModuleNotFoundError as e:
+        if e.name in ("llada_ext.bench", f"{__package__}.bench"):
+            print("error: the benchmark module (llada_ext.bench) is not installed", file=sys.stderr)
+            return 2
+        raise
+    rest = list(args.bench_args)
+    if rest[:1] == ["--"]:
+        rest = rest[1:]
+    try:
+        return int(bench.main(rest) or 0)
+    except SystemExit as e:  # the benchmark's own argparse (--help, usage errors)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo_from_args
+
+    return run_demo_from_args(args)
+
+
+# ------------------------------------------------------------------------------------------
+def _oom_message() -> str:
+    return (
+        "error: CUDA out of memory. Reduce --batch-size or --seq-len (use --grad-accum to keep "
+        "the batch), or try --gradient-checkpointing, --precision bf16, or --fsdp with torchrun."
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``llada-ext`` command line.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments without the program name (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        Exit status: 0 success, 1 user error, 2 bad usage, 130 interrupted.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        # Everything after "bench" belongs to the benchmark's own parser (argparse would
+        # otherwise claim options such as --help or --cpu for itself).
+        return _cmd_bench(argparse.Namespace(bench_args=argv[1:]))
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    debug = getattr(args, "debug", False) or os.environ.get("LLADA_DEBUG") == "1"
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        from .training.data import DataError
+
+        try:
+            import torch
+
+            oom = isinstance(e, torch.cuda.OutOfMemoryError) or (
+                isinstance(e, RuntimeError) and "out of memory" in str(e)
+            )
+        except ImportError:  # pragma: no cover - torch is a dependency
+            oom = False
+        if oom:
+            print(_oom_message(), file=sys.stderr)
+            return 1
+        if isinstance(e, (CLIError, DataError, FileNotFoundError, ValueError, PermissionError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        if isinstance(e, (TypeError, OSError)):
+            print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":  # torchrun -m llada_ext.cli ... / python -m llada_ext.cli
+    sys.exit(main())

@@ -1,0 +1,640 @@
+"""The training loop: pre-training (Alg. 1) and SFT (Alg. 2) of a LLaDA mask predictor.
+
+One :class:`Trainer` serves both objectives, on one device or under ``torchrun`` (DDP or FSDP2).
+Per optimizer step it takes ``world_size * grad_accum * micro_batch`` sequences from a
+deterministic :class:`~llada_ext.training.data.DataStream`, masks them with noise keyed by each
+sequence's stream position, accumulates gradients, clips them and steps AdamW under a
+warmup-stable-decay schedule.
+
+Output folder layout::
+
+    <out>/config.json, model.safetensors   latest weights (``LLaDAModel.from_pretrained(out)``)
+    <out>/checkpoints/step-XXXXXXXX.pt     resumable checkpoints (newest ``keep_last`` kept)
+    <out>/metrics.jsonl                    one line per step: loss, lr, grad norm, tokens/s
+    <out>/train_config.json                the run's settings
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
+from .data import DataStream, SequenceDataset
+from .distributed import (
+    DistInfo,
+    all_reduce_max_flag,
+    all_reduce_mean,
+    barrier,
+    full_state_dicts,
+    gather_objects,
+    load_full_state_dicts,
+    resolve_device,
+    wrap_for_training,
+)
+from .losses import (
+    EPS,
+    MaskedLMObjective,
+    build_pretrain_batch,
+    build_sft_batch,
+    cut_length,
+    keyed_generator,
+    keyed_noise,
+)
+from .schedule import make_wsd_scheduler
+
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "param_groups"]
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a training run (all saved in the checkpoint and ``train_config.json``).
+
+    Attributes
+    ----------
+    objective : {"pretrain", "sft"}
+        Alg. 1 (all tokens maskable, 1% random-length batches) or Alg. 2 (prompt kept).
+    out_dir : str
+        Output folder.
+    steps : int
+        Total optimizer steps of the run (a resumed run continues up to this number).
+    micro_batch_size : int
+        Sequences per forward/backward per process.
+    grad_accum : int
+        Micro-batches accumulated per optimizer step.
+    lr : float
+        Peak learning rate.
+    min_lr_ratio : float
+        Final learning rate as a fraction of ``lr``.
+    warmup_steps : int
+        Linear warmup steps.
+    decay_frac : float
+        Fraction of ``steps`` at the end spent decaying the learning rate.
+    decay_shape : {"linear", "cosine", "sqrt"}
+        Shape of the decay.
+    weight_decay : float
+        AdamW weight decay of matrices (not of norms and embeddings).
+    beta1, beta2, adam_eps : float
+        AdamW coefficients.
+    grad_clip : float
+        Clip the global gradient norm to this value (0 disables).
+    seed : int
+        Seed of the data order, the masks and the model initialisation.
+    mask_eps : float
+        Smallest masking probability ``eps`` of the forward process.
+    random_length_prob : float
+        Probability that a pre-training batch is cut to a random length (1% in the paper).
+    precision : {"auto", "fp32", "bf16"}
+        "auto": bfloat16 autocast on CUDA, float32 on the CPU.
+    gradient_checkpointing : bool
+        Recompute block activations in the backward pass (less memory, ~30% more compute).
+    fsdp : bool
+        Shard with FSDP2 (under torchrun) instead of replicating with DDP.
+    save_every : int
+        Write a checkpoint every this many steps (0: only at the end / on interrupt).
+    keep_last : int
+        Checkpoints to keep.
+    progress : bool
+        Show the progress bar (rank 0 only).
+    shuffle : bool
+        Shuffle the data order each epoch.
+    """
+
+    objective: str = "pretrain"
+    out_dir: str = "runs/llada"
+    steps: int = 1000
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 4e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    decay_frac: float = 0.2
+    decay_shape: str = "linear"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 0
+    mask_eps: float = EPS
+    random_length_prob: float = 0.01
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    fsdp: bool = False
+    save_every: int = 500
+    keep_last: int = 3
+    progress: bool = True
+    shuffle: bool = True
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first setting that is out of range."""
+        if self.objective not in ("pretrain", "sft"):
+            raise ValueError(f"objective must be 'pretrain' or 'sft', got {self.objective!r}")
+        for name in ("steps", "micro_batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.decay_frac <= 1.0:
+            raise ValueError(f"decay_frac must be in [0, 1], got {self.decay_frac}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.decay_shape not in ("linear", "cosine", "sqrt"):
+            raise ValueError(
+                f"decay_shape must be linear, cosine or sqrt, got {self.decay_shape!r}"
+            )
+        if not 0.0 < self.mask_eps < 1.0:
+            raise ValueError(f"mask_eps must be in (0, 1), got {self.mask_eps}")
+        if not 0.0 <= self.random_length_prob <= 1.0:
+            raise ValueError(f"random_length_prob must be in [0, 1], got {self.random_length_prob}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("grad_clip and weight_decay must be >= 0")
+        if self.save_every < 0:
+            raise ValueError(f"save_every must be >= 0, got {self.save_every}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (JSON-serialisable)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build from :meth:`to_dict` output (unknown keys are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.train` did.
+
+    Attributes
+    ----------
+    step : int
+        Optimizer steps done in total (including those before a resume).
+    losses : list of float
+        Loss of every step run in this call, averaged over ranks.
+    interrupted : bool
+        True when stopped by Ctrl-C / SIGTERM (a checkpoint was written).
+    checkpoint : Path or None
+        The last checkpoint written (rank 0).
+    tokens_per_second : float
+        Training throughput of this call over all ranks (tokens of the input batches).
+    """
+
+    step: int
+    losses: list[float] = field(default_factory=list)
+    interrupted: bool = False
+    checkpoint: Path | None = None
+    tokens_per_second: float = 0.0
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: decay on weight matrices, none on norms and embeddings.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The LLaDA model.
+    weight_decay : float
+        Decay of the first group.
+
+    Returns
+    -------
+    list of dict
+        ``[{"params": decayed, "weight_decay": wd}, {"params": others, "weight_decay": 0}]``.
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # 1-D parameters are the RMSNorm scales; the token embedding is a lookup table whose
+        # rare rows would otherwise be pulled to zero between their updates.
+        if p.dim() < 2 or name.endswith("wte.weight"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM handler: the first signal asks to stop after the current step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            # Second Ctrl-C: the user insists; stop now (the step is rolled back).
+            raise KeyboardInterrupt
+        self.requested = True
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # handlers can only be set from the main thread; KeyboardInterrupt still works
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        try:
+            yield
+        finally:
+            for sig, old in self._old.items():
+                signal.signal(sig, old)
+            self._old.clear()
+
+
+class Trainer:
+    """Trains a :class:`llada_ext.LLaDAModel` on a :class:`SequenceDataset`.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model (moved to the training device; its ``backend`` decides kernels vs torch).
+    dataset : SequenceDataset
+        Packed pre-training sequences, or SFT rows with prompt lengths.
+    config : TrainConfig
+        Run settings.
+    dist_info : DistInfo, optional
+        From :func:`~llada_ext.training.distributed.init_distributed`; single process on
+        ``device`` when None.
+    device : str or torch.device, optional
+        Device when ``dist_info`` is None ("auto" picks CUDA when available).
+    tokenizer_folder : str, optional
+        Folder whose ``tokenizer.json`` files are copied into the output folder, so the saved
+        model loads with its tokenizer.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataset: SequenceDataset,
+        config: TrainConfig,
+        *,
+        dist_info: DistInfo | None = None,
+        device: str | torch.device | None = None,
+        tokenizer_folder: str | os.PathLike | None = None,
+    ) -> None:
+        config.validate()
+        if config.objective == "sft" and not dataset.is_sft:
+            raise ValueError("objective 'sft' needs a dataset with prompt lengths")
+        if config.objective == "pretrain" and dataset.is_sft:
+            raise ValueError("objective 'pretrain' needs a packed pre-training dataset")
+        self.config = config
+        self.info = dist_info if dist_info is not None else DistInfo(device=resolve_device(device))
+        self.device = self.info.device
+        self.dataset = dataset
+        self.tokenizer_folder = Path(tokenizer_folder) if tokenizer_folder else None
+        self.out_dir = Path(config.out_dir)
+        self.model = model.to(self.device)
+        self.model.train()
+        if config.gradient_checkpointing:
+            self.model.gradient_checkpointing = True
+        self.mask_id = int(self.model.config.mask_token_id)
+        self.bf16 = config.precision == "bf16" or (
+            config.precision == "auto" and self.device.type == "cuda"
+        )
+        self.objective = MaskedLMObjective(self.model)
+        self.wrapped = wrap_for_training(
+            self.objective, self.model, self.info, fsdp=config.fsdp, bf16=self.bf16
+        )
+        # FSDP has its own mixed precision; everywhere else bf16 means autocast.
+        self.use_autocast = self.bf16 and not config.fsdp
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, config.weight_decay),
+            lr=config.lr,
+            betas=(config.beta1, config.beta2),
+            eps=config.adam_eps,
+        )
+        decay_steps = round(config.decay_frac * config.steps)
+        self.scheduler = make_wsd_scheduler(
+            self.optimizer,
+            total_steps=config.steps,
+            warmup_steps=min(config.warmup_steps, config.steps),
+            decay_steps=decay_steps,
+            min_ratio=config.min_lr_ratio,
+            shape=config.decay_shape,
+        )
+        self.stream = DataStream(dataset, seed=config.seed, shuffle=config.shuffle)
+        self.ckpt = CheckpointManager(self.out_dir / "checkpoints", keep_last=config.keep_last)
+        self.step = 0
+        self.last_lr = float(config.lr)
+        self.last_checkpoint: Path | None = None
+
+    # ---------------------------------------------------------------------------------------
+    @property
+    def sequences_per_step(self) -> int:
+        """Sequences consumed by one optimizer step over all ranks."""
+        c = self.config
+        return c.micro_batch_size * c.grad_accum * self.info.world_size
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.use_autocast:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _train_step(self) -> tuple[float, float, int]:
+        """One optimizer step; returns (loss averaged over ranks, grad norm, tokens)."""
+        c = self.config
+        batches = self.stream.step_batches(
+            micro_batch=c.micro_batch_size,
+            grad_accum=c.grad_accum,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+        )
+        L = self.dataset.seq_len
+        if c.objective == "pretrain":
+            # Decided per step from (seed, step): every rank and micro-batch cut alike.
+            length = cut_length(
+                L, prob=c.random_length_prob, generator=keyed_generator(c.seed, 0x637574, self.step)
+            )
+        else:
+            length = L
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        tokens = 0
+        for i, b in enumerate(batches):
+            ids = b.input_ids[:, :length].to(self.device, non_blocking=True)
+            # Noise for the full length, then cut: a sequence's mask prefix does not depend
+            # on whether the batch was cut.
+            noise = keyed_noise(b.keys, L, seed=c.seed).narrow(length)
+            if c.objective == "pretrain":
+                mb = build_pretrain_batch(ids, mask_id=self.mask_id, noise=noise, eps=c.mask_eps)
+            else:
+                assert b.prompt_lengths is not None
+                mb = build_sft_batch(
+                    ids, b.prompt_lengths, mask_id=self.mask_id, noise=noise, eps=c.mask_eps
+                )
+            weights = mb.weights / c.grad_accum
+            sync = (
+                self.wrapped.no_sync()
+                if hasattr(self.wrapped, "no_sync") and i < len(batches) - 1
+                else contextlib.nullcontext()
+            )
+            with sync:
+                with self._autocast():
+                    loss = self.wrapped(mb.noisy, mb.targets, weights)
+                loss.backward()
+            total += loss.detach().float()
+            tokens += ids.numel()
+        if c.grad_clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+        else:
+            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
+        self.last_lr = float(self.optimizer.param_groups[0]["lr"])  # the lr of this step
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.stream.advance(self.sequences_per_step)
+        self.step += 1
+        if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor
+            gnorm = gnorm.full_tensor()
+        loss_all = all_reduce_mean(total)
+        return float(loss_all.item()), float(gnorm.item()), tokens * self.info.world_size
+
+    # ---------------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        """Run until ``config.steps`` optimizer steps are done (or Ctrl-C / SIGTERM).
+
+        Returns
+        -------
+        TrainResult
+        """
+        c = self.config
+        result = TrainResult(step=self.step)
+        if self.info.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "train_config.json").write_text(
+                json.dumps(c.to_dict(), indent=2) + "\n"
+            )
+        bar = _progress_bar(
+            total=c.steps, initial=self.step, enabled=c.progress and self.info.is_main
+        )
+        metrics = (
+            open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+            if self.info.is_main
+            else None
+        )
+        stop = _StopRequest()
+        t_start = time.perf_counter()
+        tokens_done = 0
+        try:
+            with stop.installed():
+                while self.step < c.steps:
+                    snapshot = capture_rng_state()
+                    t0 = time.perf_counter()
+                    try:
+                        loss, gnorm, tokens = self._train_step()
+                    except KeyboardInterrupt:
+                        # Parameters change only in optimizer.step(), the data position and
+                        # the step counter only after it: roll back the gradients and RNG
+                        # and the state is that of the last completed step.
+                        self.optimizer.zero_grad(set_to_none=True)
+                        restore_rng_state(snapshot)
+                        result.interrupted = True
+                        break
+                    dt = max(time.perf_counter() - t0, 1e-9)
+                    tokens_done += tokens
+                    result.losses.append(loss)
+                    lr = self.last_lr
+                    if metrics is not None:
+                        metrics.write(
+                            json.dumps(
+                                {
+                                    "step": self.step,
+                                    "loss": loss,
+                                    "lr": lr,
+                                    "grad_norm": gnorm,
+                                    "tokens_per_s": tokens / dt,
+                                    "epoch": round(self.stream.epoch, 4),
+                                }
+                            )
+                            + "\n"
+                        )
+                        metrics.flush()
+                    if bar is not None:
+                        bar.set_postfix(
+                            loss=f"{loss:.4f}", tok_s=f"{tokens / dt:,.0f}", lr=f"{lr:.2e}"
+                        )
+                        bar.update(1)
+                    if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
+                        self.save_checkpoint()
+                    if all_reduce_max_flag(stop.requested, self.device):
+                        result.interrupted = True
+                        break
+        except KeyboardInterrupt:
+            # A Ctrl-C outside the step (e.g. while logging): the state is consistent.
+            result.interrupted = True
+        finally:
+            if bar is not None:
+                bar.close()
+            if metrics is not None:
+                metrics.close()
+        elapsed = max(time.perf_counter() - t_start, 1e-9)
+        result.tokens_per_second = tokens_done / elapsed
+        # After a hard interrupt under torchrun a collective may be half done and saving
+        # (itself collective) could hang, so only then is the checkpoint skipped.
+        nothing_new = not result.losses and self.last_checkpoint is not None
+        if not nothing_new and not (
+            result.interrupted and self.info.is_distributed and not stop.requested
+        ):
+            self.save_checkpoint()
+        result.step = self.step
+        result.checkpoint = self.last_checkpoint
+        if result.interrupted and self.info.is_main:
+            print(
+                f"Interrupted at step {self.step}; checkpoint saved to {self.last_checkpoint}. "
+                "Run again with --resume to continue."
+            )
+        return result
+
+    # ---------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint of the current step and the model weights (rank 0 writes).
+
+        Every rank must call this (with FSDP the full state is gathered collectively).
+
+        Returns
+        -------
+        Path or None
+            The checkpoint file on rank 0, None on the other ranks.
+        """
+        msd, osd = full_state_dicts(self.model, self.optimizer, fsdp=self.config.fsdp)
+        rng = gather_objects(capture_rng_state())
+        path = None
+        if self.info.is_main:
+            state = {
+                "model": msd,
+                "optimizer": osd,
+                "scheduler": self.scheduler.state_dict(),
+                "data": self.stream.state_dict(),
+                "rng": rng,
+                "world_size": self.info.world_size,
+                "train_config": self.config.to_dict(),
+                "model_config": self.model.config.to_dict(),
+            }
+            path = self.ckpt.save(self.step, state)
+            self._save_pretrained(msd)
+            self.last_checkpoint = path
+        barrier()
+        return path
+
+    def _save_pretrained(self, state: dict[str, torch.Tensor]) -> None:
+        # Rebuild a CPU model around the gathered tensors: works the same for replicated and
+        # FSDP-sharded training, and never copies weights on the training device.
+        cls = type(self.model)
+        with torch.device("meta"):
+            cpu_model = cls(self.model.config, backend="torch")
+        cpu_model.load_state_dict(state, strict=True, assign=True)
+        cpu_model.save_pretrained(self.out_dir)
+        if self.tokenizer_folder is not None:
+            for name in _TOKENIZER_FILES:
+                src = self.tokenizer_folder / name
+                if src.is_file() and src.resolve() != (self.out_dir / name).resolve():
+                    shutil.copyfile(src, self.out_dir / name)
+
+    def _restore_schedule(self, last_epoch: int) -> None:
+        """Continue the schedule at ``last_epoch`` with *this* run's settings.
+
+        The checkpoint's own schedule settings are not restored, so a resumed run may change
+        ``--steps`` (e.g. extend a warmup-stable-decay run) or the peak ``--lr``; with the
+        same settings the learning rates are exactly those of an uninterrupted run.
+        """
+        sch = self.scheduler
+        sch.last_epoch = last_epoch
+        sch.base_lrs = [self.config.lr for _ in self.optimizer.param_groups]
+        lrs = []
+        for group, base, fn in zip(self.optimizer.param_groups, sch.base_lrs, sch.lr_lambdas):
+            group["initial_lr"] = base
+            group["lr"] = base * fn(last_epoch)  # the expression LambdaLR itself evaluates
+            lrs.append(group["lr"])
+        sch._last_lr = lrs  # what get_last_lr() reports
+
+    def find_checkpoint(self, resume: str | os.PathLike) -> Path | None:
+        """Resolve ``resume``: "auto" (newest in this run's folder, None if there is none),
+        a checkpoint file, a run folder or a checkpoints folder.
+
+        Raises
+        ------
+        FileNotFoundError
+            If an explicit path holds no checkpoint.
+        """
+        if str(resume) == "auto":
+            return self.ckpt.latest()
+        p = Path(resume)
+        if p.is_file():
+            return p
+        for folder in (p / "checkpoints", p):
+            if folder.is_dir():
+                latest = CheckpointManager(folder).latest()
+                if latest is not None:
+                    return latest
+        raise FileNotFoundError(f"no checkpoint found at {str(p)!r}")
+
+    def resume(self, resume: str | os.PathLike) -> bool:
+        """Load a checkpoint so that training continues exactly where it stopped.
+
+        Parameters
+        ----------
+        resume : str or path-like
+            See :meth:`find_checkpoint`.
+
+        Returns
+        -------
+        bool
+            False when ``resume == "auto"`` and there is no checkpoint yet.
+        """
+        path = self.find_checkpoint(resume)
+        if path is None:
+            return False
+        ckpt = load_checkpoint(path)
+        if ckpt["model_config"] != self.model.config.to_dict():
+            raise ValueError(
+                f"checkpoint {str(path)!r} was trained with a different model configuration"
+            )
+        if ckpt["train_config"].get("objective") != self.config.objective:
+            raise ValueError(
+                f"checkpoint {str(path)!r} is a {ckpt['train_config'].get('objective')!r} run, "
+                f"not {self.config.objective!r}"
+            )
+        load_full_state_dicts(
+            self.model, self.optimizer, ckpt["model"], ckpt["optimizer"], fsdp=self.config.fsdp
+        )
+        self._restore_schedule(int(ckpt["scheduler"]["last_epoch"]))
+        self.stream.load_state_dict(ckpt["data"])
+        self.step = int(ckpt["step"])
+        rng = ckpt["rng"]
+        mine = rng[self.info.rank] if len(rng) == self.info.world_size else rng[0]
+        restore_rng_state(mine)
+        self.last_checkpoint = path
+        return True
+
+
+def _progress_bar(*, total: int, initial: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="train")
