@@ -6,6 +6,7 @@ LLADA_JOBS sets the build parallelism.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,16 @@ class CMakeBuild(build_ext):
         subprocess.check_call(cfg)
         jobs = os.environ.get("LLADA_JOBS", str(max(1, os.cpu_count() or 1)))
         subprocess.check_call(["cmake", "--build", str(build_dir), "-j", jobs])
+        # _C links to the kernel library next to it (RPATH $ORIGIN). setuptools copies only
+        # the extension module into the source tree of an editable install, so the library
+        # (and its soname links) follow it here.
+        pkg_dir = ROOT / "llada_ext"
+        if getattr(self, "editable_mode", False) and out_dir != pkg_dir:
+            for lib in out_dir.glob("libllada_kernels.so*"):
+                dst = pkg_dir / lib.name
+                if dst.is_symlink() or dst.exists():
+                    dst.unlink()
+                shutil.copy2(lib, dst, follow_symlinks=False)
 
 
 setup(ext_modules=[CMakeExtension("llada_ext._C")], cmdclass={"build_ext": CMakeBuild})
