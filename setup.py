@@ -27,9 +27,19 @@ class CMakeBuild(build_ext):
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         out_dir.mkdir(parents=True, exist_ok=True)
         cuda = os.environ.get("LLADA_CUDA", "")
-        build_dir = ROOT / "build" / f"py{sys.version_info.major}{sys.version_info.minor}-cuda{cuda or 'auto'}"
+        build_dir = (
+            ROOT
+            / "build"
+            / f"py{sys.version_info.major}{sys.version_info.minor}-cuda{cuda or 'auto'}"
+        )
         cfg = [
-            "cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            "cmake",
+            "-S",
+            str(ROOT),
+            "-B",
+            str(build_dir),
+            "-G",
+            "Ninja",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DLLADA_PYTHON_OUTPUT_DIR={out_dir}",
             "-DCMAKE_BUILD_TYPE=Release",

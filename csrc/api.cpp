@@ -45,7 +45,9 @@ const char* dtype_name(int32_t dt) {
   }
 }
 
-bool is_float16ish(int32_t dt) { return dt == LLADA_FLOAT16 || dt == LLADA_BFLOAT16; }
+bool is_float16ish(int32_t dt) {
+  return dt == LLADA_FLOAT16 || dt == LLADA_BFLOAT16;
+}
 
 // Structural checks shared by every tensor argument.
 llada_status check_view(const llada_tensor* t, const char* name, int ndim) {
@@ -61,8 +63,8 @@ llada_status check_view(const llada_tensor* t, const char* name, int ndim) {
   int64_t numel = 1;
   for (int i = 0; i < ndim; ++i) {
     if (t->shape[i] < 0)
-      return set_error(LLADA_ERROR_INVALID_ARGUMENT, "%s: negative size %lld in dimension %d",
-                       name, (long long)t->shape[i], i);
+      return set_error(LLADA_ERROR_INVALID_ARGUMENT, "%s: negative size %lld in dimension %d", name,
+                       (long long)t->shape[i], i);
     numel *= t->shape[i];
   }
   if (numel > 0 && t->data == nullptr)
@@ -121,10 +123,10 @@ llada_status check_float_dtype(const llada_tensor* t, const char* name, bool att
   return LLADA_OK;
 }
 
-#define LLADA_TRY(expr)                     \
-  do {                                      \
-    const llada_status _s = (expr);         \
-    if (_s != LLADA_OK) return _s;          \
+#define LLADA_TRY(expr)             \
+  do {                              \
+    const llada_status _s = (expr); \
+    if (_s != LLADA_OK) return _s;  \
   } while (0)
 
 // Runs the CUDA branch on the tensors' device, restoring the caller's current device.
@@ -143,8 +145,8 @@ struct DeviceGuard {
       const cudaError_t e = cudaSetDevice(device);
       if (e != cudaSuccess) {
         cudaGetLastError();  // clear it so the launch checks of later calls do not see it
-        status = set_error(LLADA_ERROR_CUDA, "cudaSetDevice(%d): %s", device,
-                           cudaGetErrorString(e));
+        status =
+            set_error(LLADA_ERROR_CUDA, "cudaSetDevice(%d): %s", device, cudaGetErrorString(e));
         return;
       }
       changed = true;
@@ -170,7 +172,9 @@ llada_status dispatch(const llada_tensor* any, const Params& p, CpuFn cpu_fn, Cu
 #endif
 }
 
-BSHStrides bsh(const llada_tensor* t) { return BSHStrides{t->strides[0], t->strides[1], t->strides[2]}; }
+BSHStrides bsh(const llada_tensor* t) {
+  return BSHStrides{t->strides[0], t->strides[1], t->strides[2]};
+}
 
 llada_status check_attention_inputs(const llada_tensor* q, const llada_tensor* k,
                                     const llada_tensor* v, const llada_tensor* mask, float scale,
@@ -286,9 +290,13 @@ using namespace llada;
 
 extern "C" {
 
-const char* llada_last_error(void) { return g_last_error.c_str(); }
+const char* llada_last_error(void) {
+  return g_last_error.c_str();
+}
 
-int llada_version(void) { return LLADA_VERSION; }
+int llada_version(void) {
+  return LLADA_VERSION;
+}
 
 int llada_has_cuda(void) {
 #ifdef LLADA_WITH_CUDA
@@ -407,8 +415,8 @@ llada_status llada_attention_bwd(const llada_tensor* q, const llada_tensor* k,
 }
 
 llada_status llada_masked_ce_fwd(const llada_tensor* logits, const llada_tensor* targets,
-                                 const llada_tensor* weights, llada_tensor* loss,
-                                 llada_tensor* lse, void* stream) {
+                                 const llada_tensor* weights, llada_tensor* loss, llada_tensor* lse,
+                                 void* stream) {
   g_last_error.clear();
   CEParams p;
   LLADA_TRY(check_ce_inputs(logits, targets, weights, &p));
@@ -479,9 +487,9 @@ llada_status llada_remask_workspace_size(const llada_tensor* logits, const llada
 
 llada_status llada_remask(const llada_tensor* logits, const llada_tensor* uncond_logits,
                           const llada_tensor* x, const llada_tensor* num_transfer,
-                          const llada_remask_params* params, llada_tensor* x_out,
-                          llada_tensor* x0, llada_tensor* confidence, void* workspace,
-                          size_t workspace_bytes, void* stream) {
+                          const llada_remask_params* params, llada_tensor* x_out, llada_tensor* x0,
+                          llada_tensor* confidence, void* workspace, size_t workspace_bytes,
+                          void* stream) {
   g_last_error.clear();
   if (params == nullptr) return set_error(LLADA_ERROR_INVALID_ARGUMENT, "params: null pointer");
   LLADA_TRY(check_view(logits, "logits", 3));

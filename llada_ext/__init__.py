@@ -24,6 +24,8 @@ def _preload_openblas() -> None:
 _preload_openblas()
 
 from . import _C  # noqa: E402
+from .likelihood import log_likelihood  # noqa: E402
+from .model import LLaDAConfig, LLaDAModel  # noqa: E402
 from .ops import (  # noqa: E402
     attention,
     linear_masked_cross_entropy,
@@ -31,8 +33,6 @@ from .ops import (  # noqa: E402
     remask,
     remask_,
 )
-from .likelihood import log_likelihood  # noqa: E402
-from .model import LLaDAConfig, LLaDAModel  # noqa: E402
 from .sampling import generate  # noqa: E402
 
 __version__ = "0.1.0"

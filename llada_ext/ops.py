@@ -65,8 +65,10 @@ def _dtype_in(t: Tensor, name: str, allowed: tuple, what: str = "") -> None:
     if t.dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
         where = f" on {t.device.type}" if what else ""
-        raise TypeError(f"{name}: dtype {str(t.dtype).replace('torch.', '')} is not supported"
-                        f"{where}; expected one of {names}")
+        raise TypeError(
+            f"{name}: dtype {str(t.dtype).replace('torch.', '')} is not supported"
+            f"{where}; expected one of {names}"
+        )
 
 
 def _finite(value: object, name: str) -> float:
@@ -105,7 +107,13 @@ def _attention_fwd(
     out = torch.empty((B, Sq, Hq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
     _C.attention_fwd(
-        view(q), view(k), view(v), opt_view(key_padding_mask), scale, view(out), view(lse),
+        view(q),
+        view(k),
+        view(v),
+        opt_view(key_padding_mask),
+        scale,
+        view(out),
+        view(lse),
         stream_of(q),
     )
     return out, lse
@@ -134,9 +142,20 @@ def _attention_bwd(
     ws_bytes = _C.attention_bwd_workspace_size(view(q), view(k))
     ws = torch.empty(ws_bytes, dtype=torch.uint8, device=q.device) if ws_bytes else None
     _C.attention_bwd(
-        view(q), view(k), view(v), opt_view(key_padding_mask), view(out), view(dout), view(lse),
-        scale, view(dq), view(dk), view(dv),
-        ws.data_ptr() if ws is not None else 0, ws_bytes, stream_of(q),
+        view(q),
+        view(k),
+        view(v),
+        opt_view(key_padding_mask),
+        view(out),
+        view(dout),
+        view(lse),
+        scale,
+        view(dq),
+        view(dk),
+        view(dv),
+        ws.data_ptr() if ws is not None else 0,
+        ws_bytes,
+        stream_of(q),
     )
     return dq, dk, dv
 
@@ -203,7 +222,9 @@ def attention(
     q, k, v = _tensor(q, "q"), _tensor(k, "k"), _tensor(v, "v")
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
         if t.dim() != 4:
-            raise ValueError(f"{name}: expected 4 dimensions [B, S, H, D], got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"{name}: expected 4 dimensions [B, S, H, D], got shape {tuple(t.shape)}"
+            )
     _same_device(k, "k", q, "q")
     _same_device(v, "v", q, "q")
     _dtype_in(q, "q", _ATTN_DTYPES[q.device.type], "device")
@@ -211,8 +232,10 @@ def attention(
         raise TypeError(f"k, v: dtypes {k.dtype}, {v.dtype} must equal q's dtype {q.dtype}")
     B, Sq, Hq, D = q.shape
     if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"k: shape {tuple(k.shape)} does not match q {tuple(q.shape)} "
-                         "in batch or head dimension")
+        raise ValueError(
+            f"k: shape {tuple(k.shape)} does not match q {tuple(q.shape)} "
+            "in batch or head dimension"
+        )
     if v.shape != k.shape:
         raise ValueError(f"v: shape {tuple(v.shape)} must equal k's shape {tuple(k.shape)}")
     Sk, Hkv = k.shape[1], k.shape[2]
@@ -221,16 +244,18 @@ def attention(
     if D == 0:
         raise ValueError("q: head dimension must be > 0")
     if q.device.type == "cuda" and (D % 8 != 0 or D > 256):
-        raise ValueError(f"q: head dimension {D} is not supported on CUDA "
-                         "(a multiple of 8, at most 256)")
+        raise ValueError(
+            f"q: head dimension {D} is not supported on CUDA (a multiple of 8, at most 256)"
+        )
     if key_padding_mask is not None:
         key_padding_mask = _tensor(key_padding_mask, "key_padding_mask")
         _same_device(key_padding_mask, "key_padding_mask", q, "q")
         if key_padding_mask.dtype != torch.bool:
             raise TypeError(f"key_padding_mask: expected dtype bool, got {key_padding_mask.dtype}")
         if tuple(key_padding_mask.shape) != (B, Sk):
-            raise ValueError(f"key_padding_mask: expected shape {(B, Sk)}, "
-                             f"got {tuple(key_padding_mask.shape)}")
+            raise ValueError(
+                f"key_padding_mask: expected shape {(B, Sk)}, got {tuple(key_padding_mask.shape)}"
+            )
     scale = float(D) ** -0.5 if scale is None else _finite(scale, "scale")
     out, lse = _attention_fwd(
         _inner_contiguous(q), _inner_contiguous(k), _inner_contiguous(v), key_padding_mask, scale
@@ -266,7 +291,12 @@ def _masked_ce_bwd(
 ) -> Tensor:
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     _C.masked_ce_bwd(
-        view(logits), view(targets), view(weights), view(lse), view(grad_loss), view(grad),
+        view(logits),
+        view(targets),
+        view(weights),
+        view(lse),
+        view(grad_loss),
+        view(grad),
         stream_of(logits),
     )
     return grad
@@ -513,8 +543,10 @@ def linear_masked_cross_entropy(
     if weight.dim() != 2:
         raise ValueError(f"weight: expected shape [V, d], got {tuple(weight.shape)}")
     if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight: inner size {weight.shape[1]} does not match hidden's "
-                         f"last dimension {hidden.shape[-1]}")
+        raise ValueError(
+            f"weight: inner size {weight.shape[1]} does not match hidden's "
+            f"last dimension {hidden.shape[-1]}"
+        )
     if weight.shape[0] == 0:
         raise ValueError("weight: the vocabulary dimension must be > 0")
     _dtype_in(hidden, "hidden", _LOGIT_DTYPES[hidden.device.type], "device")
@@ -558,15 +590,38 @@ def _remask(
 ) -> tuple[Tensor, Tensor, Tensor]:
     x_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     x0, conf = _remask_into(
-        logits, x, x_out, num_transfer, uncond_logits, mask_id, offset, strategy,
-        temperature, has_threshold, threshold, cfg_scale, seed,
+        logits,
+        x,
+        x_out,
+        num_transfer,
+        uncond_logits,
+        mask_id,
+        offset,
+        strategy,
+        temperature,
+        has_threshold,
+        threshold,
+        cfg_scale,
+        seed,
     )
     return x_out, x0, conf
 
 
 @_remask.register_fake
-def _(logits, x, num_transfer, uncond_logits, mask_id, offset, strategy, temperature,
-      has_threshold, threshold, cfg_scale, seed):
+def _(
+    logits,
+    x,
+    num_transfer,
+    uncond_logits,
+    mask_id,
+    offset,
+    strategy,
+    temperature,
+    has_threshold,
+    threshold,
+    cfg_scale,
+    seed,
+):
     B, W = logits.shape[0], logits.shape[1]
     return (
         torch.empty_like(x),
@@ -591,29 +646,79 @@ def _remask_inplace(
     seed: int,
 ) -> tuple[Tensor, Tensor]:
     return _remask_into(
-        logits, x, x, num_transfer, uncond_logits, mask_id, offset, strategy, temperature,
-        has_threshold, threshold, cfg_scale, seed,
+        logits,
+        x,
+        x,
+        num_transfer,
+        uncond_logits,
+        mask_id,
+        offset,
+        strategy,
+        temperature,
+        has_threshold,
+        threshold,
+        cfg_scale,
+        seed,
     )
 
 
 @_remask_inplace.register_fake
-def _(logits, x, num_transfer, uncond_logits, mask_id, offset, strategy, temperature,
-      has_threshold, threshold, cfg_scale, seed):
+def _(
+    logits,
+    x,
+    num_transfer,
+    uncond_logits,
+    mask_id,
+    offset,
+    strategy,
+    temperature,
+    has_threshold,
+    threshold,
+    cfg_scale,
+    seed,
+):
     B, W = logits.shape[0], logits.shape[1]
     return x.new_empty((B, W)), logits.new_empty((B, W), dtype=torch.float32)
 
 
-def _remask_into(logits, x, x_out, num_transfer, uncond_logits, mask_id, offset, strategy,
-                 temperature, has_threshold, threshold, cfg_scale, seed):
+def _remask_into(
+    logits,
+    x,
+    x_out,
+    num_transfer,
+    uncond_logits,
+    mask_id,
+    offset,
+    strategy,
+    temperature,
+    has_threshold,
+    threshold,
+    cfg_scale,
+    seed,
+):
     B, W = logits.shape[0], logits.shape[1]
     x0 = torch.empty((B, W), dtype=torch.int64, device=x.device)
     conf = torch.empty((B, W), dtype=torch.float32, device=x.device)
     ws_bytes = _C.remask_workspace_size(view(logits), view(x))
     ws = torch.empty(ws_bytes, dtype=torch.uint8, device=x.device) if ws_bytes else None
     _C.remask(
-        view(logits), opt_view(uncond_logits), view(x), view(num_transfer), mask_id, offset,
-        strategy, has_threshold, threshold, temperature, cfg_scale, seed & ((1 << 64) - 1),
-        view(x_out), view(x0), view(conf), ws.data_ptr() if ws is not None else 0, ws_bytes,
+        view(logits),
+        opt_view(uncond_logits),
+        view(x),
+        view(num_transfer),
+        mask_id,
+        offset,
+        strategy,
+        has_threshold,
+        threshold,
+        temperature,
+        cfg_scale,
+        seed & ((1 << 64) - 1),
+        view(x_out),
+        view(x0),
+        view(conf),
+        ws.data_ptr() if ws is not None else 0,
+        ws_bytes,
         stream_of(x),
     )
     return x0, conf
@@ -641,13 +746,24 @@ def _draw_seed(generator: Optional[torch.Generator]) -> int:
 
 
 def _remask_args(
-    logits, x, num_transfer, mask_id, offset, strategy, temperature, threshold, generator,
-    uncond_logits, cfg_scale,
+    logits,
+    x,
+    num_transfer,
+    mask_id,
+    offset,
+    strategy,
+    temperature,
+    threshold,
+    generator,
+    uncond_logits,
+    cfg_scale,
 ):
     logits = _tensor(logits, "logits")
     x = _tensor(x, "x")
     if logits.dim() != 3:
-        raise ValueError(f"logits: expected 3 dimensions [B, W, V], got shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"logits: expected 3 dimensions [B, W, V], got shape {tuple(logits.shape)}"
+        )
     _dtype_in(logits, "logits", _LOGIT_DTYPES[logits.device.type], "device")
     B, W, V = logits.shape
     if V == 0:
@@ -660,8 +776,9 @@ def _remask_args(
     if isinstance(offset, bool) or not isinstance(offset, int):
         raise TypeError(f"offset: expected an int, got {type(offset).__name__}")
     if offset < 0 or offset + W > x.shape[1]:
-        raise ValueError(f"offset: the window [{offset}, {offset + W}) does not fit in x of "
-                         f"length {x.shape[1]}")
+        raise ValueError(
+            f"offset: the window [{offset}, {offset + W}) does not fit in x of length {x.shape[1]}"
+        )
     if isinstance(mask_id, bool) or not isinstance(mask_id, int):
         raise TypeError(f"mask_id: expected an int, got {type(mask_id).__name__}")
     if not 0 <= mask_id < V:
@@ -678,9 +795,11 @@ def _remask_args(
         uncond_logits = _tensor(uncond_logits, "uncond_logits")
         _same_device(uncond_logits, "uncond_logits", logits, "logits")
         if uncond_logits.shape != logits.shape or uncond_logits.dtype != logits.dtype:
-            raise ValueError(f"uncond_logits: expected shape {tuple(logits.shape)} and dtype "
-                             f"{logits.dtype}, got {tuple(uncond_logits.shape)} "
-                             f"{uncond_logits.dtype}")
+            raise ValueError(
+                f"uncond_logits: expected shape {tuple(logits.shape)} and dtype "
+                f"{logits.dtype}, got {tuple(uncond_logits.shape)} "
+                f"{uncond_logits.dtype}"
+            )
         uncond_logits = _inner_contiguous(uncond_logits)
     if isinstance(num_transfer, Tensor):
         _same_device(num_transfer, "num_transfer", logits, "logits")
@@ -698,15 +817,27 @@ def _remask_args(
             raise ValueError(f"num_transfer: must be >= 0, got {num_transfer}")
         num_transfer = torch.full((B,), num_transfer, dtype=torch.int64, device=logits.device)
     else:
-        raise TypeError(f"num_transfer: expected an int or an integer tensor [B], "
-                        f"got {type(num_transfer).__name__}")
+        raise TypeError(
+            f"num_transfer: expected an int or an integer tensor [B], "
+            f"got {type(num_transfer).__name__}"
+        )
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
     needs_random = temperature > 0 or strategy == "random"
     seed = _draw_seed(generator) if needs_random else 0
     return (
-        _inner_contiguous(logits), x, num_transfer, uncond_logits, mask_id, offset,
-        REMASK_STRATEGIES[strategy], temperature, has_threshold, threshold, cfg_scale, seed,
+        _inner_contiguous(logits),
+        x,
+        num_transfer,
+        uncond_logits,
+        mask_id,
+        offset,
+        REMASK_STRATEGIES[strategy],
+        temperature,
+        has_threshold,
+        threshold,
+        cfg_scale,
+        seed,
     )
 
 
@@ -768,8 +899,17 @@ def remask(
         The new x (a new tensor), and the details when asked.
     """
     args = _remask_args(
-        logits, x, num_transfer, mask_id, offset, strategy, temperature, threshold, generator,
-        uncond_logits, cfg_scale,
+        logits,
+        x,
+        num_transfer,
+        mask_id,
+        offset,
+        strategy,
+        temperature,
+        threshold,
+        generator,
+        uncond_logits,
+        cfg_scale,
     )
     x_new, x0, conf = _remask(*args)
     return (x_new, x0, conf) if return_details else x_new
@@ -792,8 +932,17 @@ def remask_(
 ) -> Union[Tensor, tuple[Tensor, Tensor, Tensor]]:
     """In-place twin of :func:`remask`: updates and returns ``x`` itself."""
     args = _remask_args(
-        logits, x, num_transfer, mask_id, offset, strategy, temperature, threshold, generator,
-        uncond_logits, cfg_scale,
+        logits,
+        x,
+        num_transfer,
+        mask_id,
+        offset,
+        strategy,
+        temperature,
+        threshold,
+        generator,
+        uncond_logits,
+        cfg_scale,
     )
     x0, conf = _remask_inplace(*args)
     return (x, x0, conf) if return_details else x

@@ -53,9 +53,7 @@ def test_opcheck_remask(device):
     x = torch.randint(0, 16, (2, 10), device=device)
     x[:, 3:8] = 16
     nt = torch.tensor([2, 3], device=device)
-    torch.library.opcheck(
-        ops._remask, (logits, x, nt, None, 16, 2, 0, 0.0, False, 0.0, 0.0, 0)
-    )
+    torch.library.opcheck(ops._remask, (logits, x, nt, None, 16, 2, 0, 0.0, False, 0.0, 0.0, 0))
     torch.library.opcheck(
         ops._remask_inplace, (logits, x.clone(), nt, None, 16, 2, 0, 0.0, False, 0.0, 0.0, 0)
     )
@@ -118,8 +116,13 @@ def _bad_attention_calls():
         (lambda: lx.attention(q, k.bfloat16(), v), TypeError, "k"),
         (lambda: lx.attention(q, k[:1], v[:1]), ValueError, "k"),
         (lambda: lx.attention(q, k, v[:, :3]), ValueError, "v"),
-        (lambda: lx.attention(q, k[:, :, :1].expand(2, 9, 3, 16), v[:, :, :1].expand(2, 9, 3, 16)),
-         ValueError, "k"),
+        (
+            lambda: lx.attention(
+                q, k[:, :, :1].expand(2, 9, 3, 16), v[:, :, :1].expand(2, 9, 3, 16)
+            ),
+            ValueError,
+            "k",
+        ),
         (lambda: lx.attention(q, k, v, mask.float()), TypeError, "key_padding_mask"),
         (lambda: lx.attention(q, k, v, mask[:, :4]), ValueError, "key_padding_mask"),
         (lambda: lx.attention(q, k, v, scale=float("nan")), ValueError, "scale"),
@@ -146,8 +149,11 @@ def _bad_ce_calls():
         (lambda: lx.linear_masked_cross_entropy(h, W[:, :3], t, w), ValueError, "weight"),
         (lambda: lx.linear_masked_cross_entropy(h, W[0], t, w), ValueError, "weight"),
         (lambda: lx.linear_masked_cross_entropy(h, W, t + 11, w), ValueError, "targets"),
-        (lambda: lx.linear_masked_cross_entropy(h, W, t, w, chunk_rows=-1), ValueError,
-         "chunk_rows"),
+        (
+            lambda: lx.linear_masked_cross_entropy(h, W, t, w, chunk_rows=-1),
+            ValueError,
+            "chunk_rows",
+        ),
     ]
 
 
@@ -162,21 +168,35 @@ def _bad_remask_calls():
         (lambda: lx.remask(logits, x, 1, mask_id=13), ValueError, "mask_id"),
         (lambda: lx.remask(logits, x, 1, mask_id=-1), ValueError, "mask_id"),
         (lambda: lx.remask(logits, x, 1, mask_id=12, offset=3), ValueError, "offset"),
-        (lambda: lx.remask(logits, x, 1, mask_id=12, temperature=-1.0), ValueError,
-         "temperature"),
+        (lambda: lx.remask(logits, x, 1, mask_id=12, temperature=-1.0), ValueError, "temperature"),
         (lambda: lx.remask(logits, x, 1, mask_id=12, strategy="best"), ValueError, "strategy"),
         (lambda: lx.remask(logits, x, -1, mask_id=12), ValueError, "num_transfer"),
-        (lambda: lx.remask(logits, x, torch.tensor([1, -2]), mask_id=12), ValueError,
-         "num_transfer"),
-        (lambda: lx.remask(logits, x, torch.tensor([1, 2, 3]), mask_id=12), ValueError,
-         "num_transfer"),
+        (
+            lambda: lx.remask(logits, x, torch.tensor([1, -2]), mask_id=12),
+            ValueError,
+            "num_transfer",
+        ),
+        (
+            lambda: lx.remask(logits, x, torch.tensor([1, 2, 3]), mask_id=12),
+            ValueError,
+            "num_transfer",
+        ),
         (lambda: lx.remask(logits, x, 1.5, mask_id=12), TypeError, "num_transfer"),
-        (lambda: lx.remask(logits, x, 1, mask_id=12, threshold=float("nan")), ValueError,
-         "threshold"),
-        (lambda: lx.remask(logits, x, 1, mask_id=12, uncond_logits=logits[:, :3]), ValueError,
-         "uncond_logits"),
-        (lambda: lx.remask(logits, x, 1, mask_id=12, generator=3, temperature=1.0), TypeError,
-         "generator"),
+        (
+            lambda: lx.remask(logits, x, 1, mask_id=12, threshold=float("nan")),
+            ValueError,
+            "threshold",
+        ),
+        (
+            lambda: lx.remask(logits, x, 1, mask_id=12, uncond_logits=logits[:, :3]),
+            ValueError,
+            "uncond_logits",
+        ),
+        (
+            lambda: lx.remask(logits, x, 1, mask_id=12, generator=3, temperature=1.0),
+            TypeError,
+            "generator",
+        ),
     ]
 
 

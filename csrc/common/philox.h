@@ -66,9 +66,9 @@ LLADA_HD double philox_to_unit_double(uint32_t a, uint32_t b) {
 // The uniform number with this index in this stream, in (0, 1), double precision.
 LLADA_HD double philox_uniform(uint64_t seed, uint32_t stream, uint64_t index) {
   const uint64_t ctr = index >> 1;
-  const Philox4 r = philox4x32_10(static_cast<uint32_t>(ctr), static_cast<uint32_t>(ctr >> 32),
-                                  stream, 0u, static_cast<uint32_t>(seed),
-                                  static_cast<uint32_t>(seed >> 32));
+  const Philox4 r =
+      philox4x32_10(static_cast<uint32_t>(ctr), static_cast<uint32_t>(ctr >> 32), stream, 0u,
+                    static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
   return (index & 1) ? philox_to_unit_double(r.x[2], r.x[3])
                      : philox_to_unit_double(r.x[0], r.x[1]);
 }

@@ -18,8 +18,7 @@ namespace py = pybind11;
 namespace {
 
 llada_tensor to_view(const py::tuple& t, const char* name) {
-  if (t.size() != 6)
-    throw py::value_error(std::string(name) + ": expected a 6-tuple tensor view");
+  if (t.size() != 6) throw py::value_error(std::string(name) + ": expected a 6-tuple tensor view");
   llada_tensor v{};
   v.data = reinterpret_cast<void*>(t[0].cast<uintptr_t>());
   v.dtype = t[1].cast<int32_t>();
@@ -57,16 +56,15 @@ void check(llada_status s) {
   switch (s) {
     case LLADA_ERROR_INVALID_ARGUMENT:
     case LLADA_ERROR_DEVICE_MISMATCH:
-    case LLADA_ERROR_INSUFFICIENT_WORKSPACE:
-      throw py::value_error(msg);
-    case LLADA_ERROR_UNSUPPORTED_DTYPE:
-      throw py::type_error(msg);
-    default:
-      throw std::runtime_error(msg);
+    case LLADA_ERROR_INSUFFICIENT_WORKSPACE: throw py::value_error(msg);
+    case LLADA_ERROR_UNSUPPORTED_DTYPE: throw py::type_error(msg);
+    default: throw std::runtime_error(msg);
   }
 }
 
-void* as_stream(uintptr_t s) { return reinterpret_cast<void*>(s); }
+void* as_stream(uintptr_t s) {
+  return reinterpret_cast<void*>(s);
+}
 
 }  // namespace
 
@@ -113,8 +111,8 @@ PYBIND11_MODULE(_C, m) {
         llada_status s;
         {
           py::gil_scoped_release nogil;
-          s = llada_attention_bwd(&vq, &vk, &vv, vm.ptr(), &vo, &vdo, &vl, scale, &vdq, &vdk,
-                                  &vdv, reinterpret_cast<void*>(workspace), workspace_bytes,
+          s = llada_attention_bwd(&vq, &vk, &vv, vm.ptr(), &vo, &vdo, &vl, scale, &vdq, &vdk, &vdv,
+                                  reinterpret_cast<void*>(workspace), workspace_bytes,
                                   as_stream(stream));
         }
         check(s);
@@ -143,11 +141,12 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "masked_ce_bwd",
-      [](py::tuple logits, py::tuple targets, py::tuple weights, py::tuple lse,
-         py::tuple grad_loss, py::tuple grad_logits, uintptr_t stream) {
+      [](py::tuple logits, py::tuple targets, py::tuple weights, py::tuple lse, py::tuple grad_loss,
+         py::tuple grad_logits, uintptr_t stream) {
         llada_tensor vl = to_view(logits, "logits"), vt = to_view(targets, "targets"),
                      vw = to_view(weights, "weights"), vlse = to_view(lse, "lse"),
-                     vg = to_view(grad_loss, "grad_loss"), vgl = to_view(grad_logits, "grad_logits");
+                     vg = to_view(grad_loss, "grad_loss"),
+                     vgl = to_view(grad_logits, "grad_logits");
         llada_status s;
         {
           py::gil_scoped_release nogil;

@@ -39,7 +39,8 @@
 #define LLADA_VERSION_MAJOR 0
 #define LLADA_VERSION_MINOR 1
 #define LLADA_VERSION_PATCH 0
-#define LLADA_VERSION (LLADA_VERSION_MAJOR * 10000 + LLADA_VERSION_MINOR * 100 + LLADA_VERSION_PATCH)
+#define LLADA_VERSION \
+  (LLADA_VERSION_MAJOR * 10000 + LLADA_VERSION_MINOR * 100 + LLADA_VERSION_PATCH)
 
 #if defined(_WIN32)
 #define LLADA_API __declspec(dllexport)
@@ -57,9 +58,9 @@ typedef enum llada_status {
   LLADA_OK = 0,
   LLADA_ERROR_INVALID_ARGUMENT = 1, /* null pointer, bad shape, bad stride, bad value */
   LLADA_ERROR_UNSUPPORTED_DTYPE = 2,
-  LLADA_ERROR_DEVICE_MISMATCH = 3,  /* tensors on different devices */
-  LLADA_ERROR_NOT_COMPILED = 4,     /* e.g. a CUDA tensor with a CPU-only build */
-  LLADA_ERROR_CUDA = 5,             /* a CUDA runtime error (message has the details) */
+  LLADA_ERROR_DEVICE_MISMATCH = 3, /* tensors on different devices */
+  LLADA_ERROR_NOT_COMPILED = 4,    /* e.g. a CUDA tensor with a CPU-only build */
+  LLADA_ERROR_CUDA = 5,            /* a CUDA runtime error (message has the details) */
   LLADA_ERROR_INSUFFICIENT_WORKSPACE = 6,
   LLADA_ERROR_INTERNAL = 7
 } llada_status;
@@ -115,8 +116,7 @@ LLADA_API llada_status llada_attention_fwd(const llada_tensor* q, const llada_te
 
 /* Bytes of workspace llada_attention_bwd needs for these shapes (0 on CPU). */
 LLADA_API llada_status llada_attention_bwd_workspace_size(const llada_tensor* q,
-                                                          const llada_tensor* k,
-                                                          size_t* bytes);
+                                                          const llada_tensor* k, size_t* bytes);
 
 /* Gradients of out w.r.t. q, k, v given dout [B, Sq, Hq, D] (q's dtype), the forward's
  * out and lse. dq has q's shape, dk/dv k's shape, all in q's dtype; they are overwritten
@@ -126,10 +126,9 @@ LLADA_API llada_status llada_attention_bwd(const llada_tensor* q, const llada_te
                                            const llada_tensor* v,
                                            const llada_tensor* key_padding_mask,
                                            const llada_tensor* out, const llada_tensor* dout,
-                                           const llada_tensor* lse, float scale,
-                                           llada_tensor* dq, llada_tensor* dk, llada_tensor* dv,
-                                           void* workspace, size_t workspace_bytes,
-                                           void* stream);
+                                           const llada_tensor* lse, float scale, llada_tensor* dq,
+                                           llada_tensor* dk, llada_tensor* dv, void* workspace,
+                                           size_t workspace_bytes, void* stream);
 
 /* ---- masked cross-entropy ------------------------------------------------------------
  * logits [N, V] (FLOAT32, BFLOAT16, FLOAT16; row stride free, column stride 1),
@@ -149,8 +148,8 @@ LLADA_API llada_status llada_masked_ce_fwd(const llada_tensor* logits, const lla
  * (in-place gradient). Rows with weight 0 get zeros and their logits are not read. */
 LLADA_API llada_status llada_masked_ce_bwd(const llada_tensor* logits, const llada_tensor* targets,
                                            const llada_tensor* weights, const llada_tensor* lse,
-                                           const llada_tensor* grad_loss,
-                                           llada_tensor* grad_logits, void* stream);
+                                           const llada_tensor* grad_loss, llada_tensor* grad_logits,
+                                           void* stream);
 
 /* ---- remask --------------------------------------------------------------------------- */
 typedef enum llada_remask_strategy {
@@ -162,13 +161,13 @@ typedef enum llada_remask_strategy {
 
 typedef struct llada_remask_params {
   int64_t mask_id;
-  int64_t offset;       /* window start in x: logits[:, j] predicts x[:, offset + j] */
-  int32_t strategy;     /* llada_remask_strategy */
-  int32_t has_threshold;/* 0: top-k selection; 1: threshold selection with k as minimum */
+  int64_t offset;        /* window start in x: logits[:, j] predicts x[:, offset + j] */
+  int32_t strategy;      /* llada_remask_strategy */
+  int32_t has_threshold; /* 0: top-k selection; 1: threshold selection with k as minimum */
   float threshold;
-  float temperature;    /* 0: plain argmax; > 0: Gumbel-argmax of l / temperature */
-  float cfg_scale;      /* used only when uncond_logits != NULL */
-  uint64_t seed;        /* Philox key for Gumbel noise and "random" confidence */
+  float temperature; /* 0: plain argmax; > 0: Gumbel-argmax of l / temperature */
+  float cfg_scale;   /* used only when uncond_logits != NULL */
+  uint64_t seed;     /* Philox key for Gumbel noise and "random" confidence */
 } llada_remask_params;
 
 /* logits [B, W, V] (FLOAT32, BFLOAT16, FLOAT16; column stride 1), uncond_logits same shape
@@ -177,8 +176,8 @@ typedef struct llada_remask_params {
  * confidence FLOAT32 [B, W] (written; -inf at non-candidates, x0 = x there).
  * Selection per row: the min(k_b, #candidates) most confident candidates (ties: lower
  * position first); with a threshold, also every candidate with confidence > threshold. */
-LLADA_API llada_status llada_remask_workspace_size(const llada_tensor* logits, const llada_tensor* x,
-                                                   size_t* bytes);
+LLADA_API llada_status llada_remask_workspace_size(const llada_tensor* logits,
+                                                   const llada_tensor* x, size_t* bytes);
 LLADA_API llada_status llada_remask(const llada_tensor* logits, const llada_tensor* uncond_logits,
                                     const llada_tensor* x, const llada_tensor* num_transfer,
                                     const llada_remask_params* params, llada_tensor* x_out,
