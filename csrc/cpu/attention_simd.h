@@ -17,6 +17,8 @@
 
 #include <algorithm>
 
+#include "cpu/simd.h"
+
 #if defined(__x86_64__) || defined(_M_X64)
 #define LLADA_ATTN_X86 1
 #include <immintrin.h>
@@ -165,10 +167,10 @@ inline void grad_sse2(float* p, float* ds, const float* bias, int64_t n, float l
 }
 
 // ---- AVX2 + FMA (chosen at run time) ---------------------------------------------------
+// The 8-lane reductions are hmax8 / hsum8 (cpu/simd.h): the same halving order as
+// hmax_sse2 / hsum_sse2 after folding the upper 128 bits onto the lower.
 
-#define LLADA_AVX2 __attribute__((target("avx2,fma")))
-
-LLADA_AVX2 inline __m256 exp_avx2(__m256 x) {
+LLADA_AVX2_FMA_FN inline __m256 exp_avx2(__m256 x) {
   const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(kExpLo), _CMP_GE_OQ);
   const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(kExpLo)), _mm256_set1_ps(kExpHi));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(kLog2e)),
@@ -187,7 +189,7 @@ LLADA_AVX2 inline __m256 exp_avx2(__m256 x) {
   return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), keep);
 }
 
-LLADA_AVX2 inline float bias_max_avx2(float* s, const float* bias, int64_t n) {
+LLADA_AVX2_FMA_FN inline float bias_max_avx2(float* s, const float* bias, int64_t n) {
   __m256 mx = _mm256_set1_ps(-INFINITY);
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
@@ -198,10 +200,9 @@ LLADA_AVX2 inline float bias_max_avx2(float* s, const float* bias, int64_t n) {
     }
     mx = _mm256_max_ps(mx, v);
   }
-  const __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-  return std::max(hmax_sse2(m4), bias_max_sse2(s + j, bias ? bias + j : nullptr, n - j));
+  return std::max(hmax8(mx), bias_max_sse2(s + j, bias ? bias + j : nullptr, n - j));
 }
-LLADA_AVX2 inline float exp_sum_avx2(float* s, int64_t n, float m) {
+LLADA_AVX2_FMA_FN inline float exp_sum_avx2(float* s, int64_t n, float m) {
   const __m256 mv = _mm256_set1_ps(m);
   __m256 acc = _mm256_setzero_ps();
   int64_t j = 0;
@@ -210,11 +211,10 @@ LLADA_AVX2 inline float exp_sum_avx2(float* s, int64_t n, float m) {
     _mm256_storeu_ps(s + j, e);
     acc = _mm256_add_ps(acc, e);
   }
-  const __m128 a4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  return hsum_sse2(a4) + exp_sum_sse2(s + j, n - j, m);
+  return hsum8(acc) + exp_sum_sse2(s + j, n - j, m);
 }
-LLADA_AVX2 inline void grad_avx2(float* p, float* ds, const float* bias, int64_t n, float lse,
-                                 float di) {
+LLADA_AVX2_FMA_FN inline void grad_avx2(float* p, float* ds, const float* bias, int64_t n,
+                                        float lse, float di) {
   const __m256 lv = _mm256_set1_ps(lse), dv = _mm256_set1_ps(di);
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
@@ -226,8 +226,6 @@ LLADA_AVX2 inline void grad_avx2(float* p, float* ds, const float* bias, int64_t
   }
   grad_sse2(p + j, ds + j, bias ? bias + j : nullptr, n - j, lse, di);
 }
-
-#undef LLADA_AVX2
 
 inline RowOps pick_row_ops() {
   __builtin_cpu_init();

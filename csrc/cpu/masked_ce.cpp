@@ -24,14 +24,7 @@
 #include "common/dtypes.h"
 #include "common/online_softmax.h"
 #include "common/params.h"
-
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
-#define LLADA_CE_X86 1
-#include <immintrin.h>
-#define LLADA_AVX2_FN __attribute__((target("avx2,fma,f16c")))
-#else
-#define LLADA_CE_X86 0
-#endif
+#include "cpu/simd.h"
 
 namespace llada {
 namespace cpu {
@@ -47,7 +40,7 @@ constexpr int64_t kBwdBlock = 8192;
 // Every primitive works on float32 data of length n (<= kChunk). Two implementations with
 // the same contract: Scalar (portable) and Avx2 (x86 with AVX2/FMA/F16C).
 
-struct Scalar {
+struct Scalar : ScalarLoads {
   // Largest element, ignoring NaN; -inf for an all -inf (or all NaN) chunk.
   static float max(const float* c, int64_t n) {
     float m = -INFINITY;
@@ -64,12 +57,6 @@ struct Scalar {
   static void scaled_exp(float* out, const float* c, int64_t n, float shift, float coef) {
     for (int64_t i = 0; i < n; ++i) out[i] = coef * expf(c[i] - shift);
   }
-  static void load_bf16(const uint16_t* src, float* dst, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(src[i]);
-  }
-  static void load_fp16(const uint16_t* src, float* dst, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) dst[i] = fp16_to_float(src[i]);
-  }
   static void store_bf16(const float* src, uint16_t* dst, int64_t n) {
     for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(src[i]);
   }
@@ -78,77 +65,12 @@ struct Scalar {
   }
 };
 
-#if LLADA_CE_X86
-// exp for 8 floats: Cody-Waite range reduction + Cephes degree-6 polynomial (about 1 ulp).
-// Inputs below ln(FLT_MIN) give exactly 0 (so -inf logits give 0), NaN stays NaN.
-LLADA_AVX2_FN inline __m256 exp8(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.3365447504f);
-  const __m256 hi = _mm256_set1_ps(88.0f);
-  // max/min return their second operand when one is NaN: keep x second so NaN survives.
-  __m256 xc = _mm256_min_ps(hi, _mm256_max_ps(lo, x));
-  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  xc = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), xc);
-  xc = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), xc);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, xc, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, xc, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, xc, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, xc, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, xc, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(xc, xc), _mm256_add_ps(xc, _mm256_set1_ps(1.f)));
-  const __m256i e =
-      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-  return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), y);
-}
-
-LLADA_AVX2_FN inline float hmax8(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
-  return _mm_cvtss_f32(m);
-}
-
-// exp for 8 floats known to be <= 0 (or -inf / NaN), whose results are only summed into
-// a total >= 1: exp8 without the overflow clamp and the exact-zero underflow select (an
-// input below ln(FLT_MIN) gives ~1e-38 instead of 0, invisible in such a sum).
-LLADA_AVX2_FN inline __m256 exp8_nonpos(__m256 x) {
-  const __m256 xc0 = _mm256_max_ps(_mm256_set1_ps(-87.3365447504f), x);  // NaN survives
-  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(xc0, _mm256_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 xc = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), xc0);
-  xc = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), xc);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, xc, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, xc, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, xc, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, xc, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, xc, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(xc, xc), _mm256_add_ps(xc, _mm256_set1_ps(1.f)));
-  const __m256i e =
-      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
-LLADA_AVX2_FN inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
-
-struct Avx2 {
+#if LLADA_CPU_X86
+struct Avx2 : Avx2Loads {
   LLADA_AVX2_FN static float max(const float* c, int64_t n) {
-    __m256 a0 = _mm256_set1_ps(-INFINITY), a1 = a0;
-    int64_t i = 0;
-    // max(x, acc) returns acc when x is NaN: NaN is ignored, as in Scalar::max.
-    for (; i + 16 <= n; i += 16) {
-      a0 = _mm256_max_ps(_mm256_loadu_ps(c + i), a0);
-      a1 = _mm256_max_ps(_mm256_loadu_ps(c + i + 8), a1);
-    }
-    for (; i + 8 <= n; i += 8) a0 = _mm256_max_ps(_mm256_loadu_ps(c + i), a0);
-    float m = hmax8(_mm256_max_ps(a0, a1));
+    // NaN is ignored (max8_lanes), as in Scalar::max.
+    int64_t i;
+    float m = hmax8(max8_lanes(c, n, &i));
     for (; i < n; ++i) m = c[i] > m ? c[i] : m;
     return m;
   }
@@ -173,22 +95,6 @@ struct Avx2 {
     for (; i + 8 <= n; i += 8)
       _mm256_storeu_ps(out + i, _mm256_mul_ps(cv, exp8(_mm256_sub_ps(_mm256_loadu_ps(c + i), sv))));
     for (; i < n; ++i) out[i] = coef * expf(c[i] - shift);
-  }
-  LLADA_AVX2_FN static void load_bf16(const uint16_t* src, float* dst, int64_t n) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-      const __m256i w =
-          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
-      _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
-    }
-    for (; i < n; ++i) dst[i] = bf16_to_float(src[i]);
-  }
-  LLADA_AVX2_FN static void load_fp16(const uint16_t* src, float* dst, int64_t n) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-      _mm256_storeu_ps(dst + i,
-                       _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-    for (; i < n; ++i) dst[i] = fp16_to_float(src[i]);
   }
   LLADA_AVX2_FN static void store_bf16(const float* src, uint16_t* dst, int64_t n) {
     // Round to nearest even; NaN -> quiet NaN (the scalar float_to_bf16 rule).
@@ -216,27 +122,10 @@ struct Avx2 {
     for (; i < n; ++i) dst[i] = float_to_fp16(src[i]);
   }
 };
-
-bool cpu_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
-}
-#endif  // LLADA_CE_X86
+#endif  // LLADA_CPU_X86
 
 // ---- storage access ---------------------------------------------------------------------
-// Chunk [v0, v0 + n) of a row as float32: float32 rows are used in place, 16-bit rows are
-// converted into `buf`.
-template <class Ops>
-const float* load_chunk(const void* row, llada_dtype dt, int64_t v0, int64_t n, float* buf) {
-  switch (dt) {
-    case LLADA_FLOAT32: return static_cast<const float*>(row) + v0;
-    case LLADA_BFLOAT16: Ops::load_bf16(static_cast<const uint16_t*>(row) + v0, buf, n); return buf;
-    default:  // LLADA_FLOAT16
-      Ops::load_fp16(static_cast<const uint16_t*>(row) + v0, buf, n);
-      return buf;
-  }
-}
+// Chunks of a row as float32: load_chunk (cpu/simd.h).
 
 float load_one(const void* row, llada_dtype dt, int64_t v) {
   switch (dt) {
@@ -244,10 +133,6 @@ float load_one(const void* row, llada_dtype dt, int64_t v) {
     case LLADA_BFLOAT16: return bf16_to_float(static_cast<const uint16_t*>(row)[v]);
     default: return fp16_to_float(static_cast<const uint16_t*>(row)[v]);
   }
-}
-
-size_t elem_size(llada_dtype dt) {
-  return dt == LLADA_FLOAT32 ? 4 : 2;
 }
 
 const void* row_ptr(const void* base, llada_dtype dt, int64_t i, int64_t rs) {
@@ -433,7 +318,7 @@ llada_status check_dtype(const CEParams& p) {
 llada_status masked_ce_fwd(const CEParams& p) {
   if (llada_status s = check_dtype(p); s != LLADA_OK) return s;
   if (p.N <= 0) return LLADA_OK;
-#if LLADA_CE_X86
+#if LLADA_CPU_X86
   if (cpu_has_avx2()) {
     ce_fwd<Avx2>(p);
     return LLADA_OK;
@@ -446,7 +331,7 @@ llada_status masked_ce_fwd(const CEParams& p) {
 llada_status masked_ce_bwd(const CEParams& p) {
   if (llada_status s = check_dtype(p); s != LLADA_OK) return s;
   if (p.N <= 0) return LLADA_OK;
-#if LLADA_CE_X86
+#if LLADA_CPU_X86
   if (cpu_has_avx2()) {
     ce_bwd<Avx2>(p);
     return LLADA_OK;

@@ -27,14 +27,7 @@
 #include "common/params.h"
 #include "common/philox.h"
 #include "common/remask_row.h"
-
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
-#define LLADA_RM_X86 1
-#include <immintrin.h>
-#define LLADA_AVX2_FN __attribute__((target("avx2,fma,f16c")))
-#else
-#define LLADA_RM_X86 0
-#endif
+#include "cpu/simd.h"
 
 // The CFG combine must be rounded after every operation (see remask_cfg_combine); the build
 // already passes -ffp-contract=off, this keeps it so whatever the flags.
@@ -54,7 +47,7 @@ constexpr int64_t kChunk = 2048;
 
 // ---- chunk primitives on float32 data of length n (<= kChunk) ----------------------------
 
-struct Scalar {
+struct Scalar : ScalarLoads {
   // Largest element ignoring NaN (-inf if none).
   static float max(const float* c, int64_t n) {
     float m = -INFINITY;
@@ -92,81 +85,19 @@ struct Scalar {
                                         float cfg) {
     for (int64_t i = 0; i < n; ++i) out[i] = remask_cfg_combine(c[i], u[i], cfg);
   }
-  static void load_bf16(const uint16_t* src, float* dst, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(src[i]);
-  }
-  static void load_fp16(const uint16_t* src, float* dst, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) dst[i] = fp16_to_float(src[i]);
-  }
   static void philox_block(uint64_t ctr0, int64_t count, uint64_t seed, uint32_t* out);
   static void gumbel_chunk(const float* c, int64_t n, int64_t v0, uint64_t gbase, float temperature,
                            const uint32_t* words, RemaskRowState* st);
 };
 
-#if LLADA_RM_X86
-// exp for 8 floats: Cody-Waite reduction + Cephes degree-6 polynomial (about 1 ulp).
-// Inputs below ln(FLT_MIN) give exactly 0; NaN stays NaN.
-LLADA_AVX2_FN inline __m256 exp8(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.3365447504f);
-  const __m256 hi = _mm256_set1_ps(88.0f);
-  __m256 xc = _mm256_min_ps(hi, _mm256_max_ps(lo, x));  // x second: NaN survives
-  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  xc = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), xc);
-  xc = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), xc);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, xc, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, xc, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, xc, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, xc, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, xc, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(xc, xc), _mm256_add_ps(xc, _mm256_set1_ps(1.f)));
-  const __m256i e =
-      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-  return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), y);
-}
-
-// exp for 8 floats known to be <= 0 (or -inf / NaN), whose results are only summed into
-// a total >= 1: exp8 without the overflow clamp and the exact-zero underflow select (an
-// input below ln(FLT_MIN) gives ~1e-38 instead of 0, invisible in such a sum).
-LLADA_AVX2_FN inline __m256 exp8_nonpos(__m256 x) {
-  const __m256 xc0 = _mm256_max_ps(_mm256_set1_ps(-87.3365447504f), x);  // NaN survives
-  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(xc0, _mm256_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 xc = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), xc0);
-  xc = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), xc);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, xc, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, xc, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, xc, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, xc, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, xc, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(xc, xc), _mm256_add_ps(xc, _mm256_set1_ps(1.f)));
-  const __m256i e =
-      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
-LLADA_AVX2_FN inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
-
-struct Avx2 {
+#if LLADA_CPU_X86
+struct Avx2 : Avx2Loads {
   LLADA_AVX2_FN static float max(const float* c, int64_t n) {
-    __m256 a0 = _mm256_set1_ps(-INFINITY), a1 = a0;
-    int64_t i = 0;
-    // max(x, acc) returns acc when x is NaN: NaN is ignored, as in Scalar::max.
-    for (; i + 16 <= n; i += 16) {
-      a0 = _mm256_max_ps(_mm256_loadu_ps(c + i), a0);
-      a1 = _mm256_max_ps(_mm256_loadu_ps(c + i + 8), a1);
-    }
-    for (; i + 8 <= n; i += 8) a0 = _mm256_max_ps(_mm256_loadu_ps(c + i), a0);
+    // NaN is ignored (max8_lanes), as in Scalar::max. The lanes are reduced in lane order
+    // through memory, not with hmax8: with +0 / -0 ties the two can keep different zeros.
+    int64_t i;
     alignas(32) float lane[8];
-    _mm256_store_ps(lane, _mm256_max_ps(a0, a1));
+    _mm256_store_ps(lane, max8_lanes(c, n, &i));
     float m = -INFINITY;
     for (int k = 0; k < 8; ++k) m = lane[k] > m ? lane[k] : m;
     for (; i < n; ++i) m = c[i] > m ? c[i] : m;
@@ -247,48 +178,13 @@ struct Avx2 {
     }
     for (; i < n; ++i) out[i] = remask_cfg_combine(c[i], u[i], cfg);
   }
-  LLADA_AVX2_FN static void load_bf16(const uint16_t* src, float* dst, int64_t n) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-      const __m256i w =
-          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
-      _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
-    }
-    for (; i < n; ++i) dst[i] = bf16_to_float(src[i]);
-  }
-  LLADA_AVX2_FN static void load_fp16(const uint16_t* src, float* dst, int64_t n) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-      _mm256_storeu_ps(dst + i,
-                       _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-    for (; i < n; ++i) dst[i] = fp16_to_float(src[i]);
-  }
   static void philox_block(uint64_t ctr0, int64_t count, uint64_t seed, uint32_t* out);
   LLADA_AVX2_FN static void gumbel_chunk(const float* c, int64_t n, int64_t v0, uint64_t gbase,
                                          float temperature, const uint32_t* words,
                                          RemaskRowState* st);
 };
 
-bool cpu_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
-}
-#endif  // LLADA_RM_X86
-
-size_t elem_size(llada_dtype dt) {
-  return dt == LLADA_FLOAT32 ? 4 : 2;
-}
-
-// Chunk [v0, v0 + n) of a row as float32 (float32 rows in place, 16-bit rows into buf).
-template <class Ops>
-const float* load_chunk(const void* row, llada_dtype dt, int64_t v0, int64_t n, float* buf) {
-  switch (dt) {
-    case LLADA_FLOAT32: return static_cast<const float*>(row) + v0;
-    case LLADA_BFLOAT16: Ops::load_bf16(static_cast<const uint16_t*>(row) + v0, buf, n); return buf;
-    default: Ops::load_fp16(static_cast<const uint16_t*>(row) + v0, buf, n); return buf;
-  }
-}
+#endif  // LLADA_CPU_X86
 
 // Philox words of `count` consecutive counters ctr0, ctr0 + 1, ... of the Gumbel stream:
 // out[4 * i + w] is word w of counter ctr0 + i (philox4x32_10 of common/philox.h).
@@ -302,7 +198,7 @@ void philox_block_scalar(uint64_t ctr0, int64_t count, uint64_t seed, uint32_t* 
   }
 }
 
-#if LLADA_RM_X86
+#if LLADA_CPU_X86
 // 32 x 32 -> 64-bit products of 8 lanes with one multiplier: high and low words.
 LLADA_AVX2_FN inline void mulhilo8(__m256i a, __m256i m, __m256i* hi, __m256i* lo) {
   const __m256i pe = _mm256_mul_epu32(a, m);                         // lanes 0, 2, 4, 6
@@ -357,7 +253,7 @@ LLADA_AVX2_FN void philox_block_avx2(uint64_t ctr0, int64_t count, uint64_t seed
 void Scalar::philox_block(uint64_t ctr0, int64_t count, uint64_t seed, uint32_t* out) {
   philox_block_scalar(ctr0, count, seed, out);
 }
-#if LLADA_RM_X86
+#if LLADA_CPU_X86
 void Avx2::philox_block(uint64_t ctr0, int64_t count, uint64_t seed, uint32_t* out) {
   philox_block_avx2(ctr0, count, seed, out);
 }
@@ -400,7 +296,7 @@ void Scalar::gumbel_chunk(const float* c, int64_t n, int64_t v0, uint64_t gbase,
     gumbel_exact(c[i], v0 + i, g0 + static_cast<uint64_t>(i), temperature, words, g0 >> 1, st);
 }
 
-#if LLADA_RM_X86
+#if LLADA_CPU_X86
 // Same result; eight tokens at a time go through a float pre-test that only discards
 // tokens which provably cannot win (a superset of what gumbel_exact keeps is kept):
 //   gap_lo <= key - l / T: float rounding of l * (1/T), key and their difference is below
@@ -590,7 +486,7 @@ llada_status remask(const RemaskParams& p) {
   if (p.V <= 0)
     return set_error(LLADA_ERROR_INVALID_ARGUMENT, "logits: vocabulary size must be > 0");
   if (p.B <= 0 || p.W < 0) return LLADA_OK;
-#if LLADA_RM_X86
+#if LLADA_CPU_X86
   if (cpu_has_avx2()) {
     remask_impl<Avx2>(p);
     return LLADA_OK;
