@@ -69,9 +69,13 @@ __device__ __forceinline__ void fold_vec(OnlineSoftmax& st, const float (&v)[kN]
   st.s += acc;
 }
 
+// OnlineSoftmax::merge skips a side whose max is -inf, and with it the NaN such a side may
+// carry in s (a slice holding only -inf and NaN): keep that NaN, as the CPU twin does.
 struct MergeOnline {
   __device__ __forceinline__ void operator()(OnlineSoftmax& a, const OnlineSoftmax& b) const {
+    const bool nan = a.s != a.s || b.s != b.s;
     a.merge(b);
+    if (nan) a.s = NAN;
   }
 };
 
@@ -159,8 +163,9 @@ __global__ void __launch_bounds__(kCEThreads)
     }
     const T* x = logits + row * logits_rs;
     const float scale = grad_loss[row * grad_loss_s] * w;
-    const float row_lse = lse_in[row * lse_s];
     const int64_t t = targets[row * targets_s];
+    // A target outside [0, V) has no gradient: the row becomes NaN like its loss (CPU twin).
+    const float row_lse = (t >= 0 && t < V) ? lse_in[row * lse_s] : NAN;
 
     if (kVec) {
       const int64_t nvec = V / kN;
