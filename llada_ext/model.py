@@ -353,11 +353,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def _kernel_attention_supported(t: torch.Tensor) -> bool:
-    # dtypes of DESIGN section 3; anything else takes the torch path instead of failing
+    # dtypes of DESIGN section 3 and the head dims the CUDA kernels are built for (a multiple
+    # of 8, at most 256); anything else takes the torch path instead of failing
     if t.device.type == "cpu":
         return t.dtype in (torch.float32, torch.bfloat16)
     if t.device.type == "cuda":
-        return t.dtype in (torch.float16, torch.bfloat16)
+        head_dim = t.shape[-1]
+        return t.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256
     return False
 
 
@@ -447,7 +449,8 @@ class LLaDAModel(nn.Module):
     backend : {"kernels", "torch"}
         Attention implementation: the library kernel :func:`llada_ext.attention` or PyTorch
         SDPA. Settable after construction. With ``"kernels"``, dtype/device pairs the kernel
-        does not cover (e.g. float64, CUDA float32) use SDPA.
+        does not cover (e.g. float64, CUDA float32, CUDA head dims that are not a multiple of 8
+        or exceed 256) use SDPA.
 
     Notes
     -----

@@ -450,3 +450,46 @@ def test_hf_tokenizer_wrapper(tmp_path):
 def test_top_level_exports():
     assert lx.LLaDAModel is LLaDAModel and lx.LLaDAConfig is LLaDAConfig
     assert callable(lx.generate) and callable(lx.log_likelihood)
+
+
+def test_kernel_attention_only_for_head_dims_the_cuda_kernels_cover():
+    """A CUDA model whose head dim the CUDA kernels lack takes the torch path, not an error."""
+    from types import SimpleNamespace
+
+    from llada_ext.model import _kernel_attention_supported
+
+    def fake(device, dtype, head_dim):
+        return SimpleNamespace(device=torch.device(device), dtype=dtype, shape=(1, 2, 2, head_dim))
+
+    for head_dim in (8, 64, 128, 256):
+        assert _kernel_attention_supported(fake("cuda", torch.bfloat16, head_dim))
+    for head_dim in (4, 12, 264, 512):
+        assert not _kernel_attention_supported(fake("cuda", torch.bfloat16, head_dim))
+        assert _kernel_attention_supported(fake("cpu", torch.float32, head_dim))
+    assert not _kernel_attention_supported(fake("cuda", torch.float32, 64))
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA not available")
+def test_cuda_model_with_head_dim_outside_the_kernels_runs():
+    torch.manual_seed(0)
+    cfg = LLaDAConfig(  # head_dim 12: not a multiple of 8
+        d_model=48,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        mlp_hidden_size=64,
+        vocab_size=50,
+        max_sequence_length=64,
+        mask_token_id=49,
+        eos_token_id=48,
+        bos_token_id=47,
+        pad_token_id=48,
+        eot_token_id=None,
+    )
+    model = LLaDAModel(cfg, backend="kernels").to("cuda", torch.bfloat16).eval()
+    ids = torch.randint(0, 47, (2, 9), device="cuda")
+    with torch.no_grad():
+        got = model(ids).logits
+        model.backend = "torch"
+        want = model(ids).logits
+    assert torch.equal(got, want)
