@@ -34,7 +34,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from llada_ext.model import LLaDAConfig, RMSNorm, apply_rope, rope_cos_sin  # noqa: E402
+from llada_ext.model import (  # noqa: E402
+    LLaDABlock,
+    LLaDAConfig,
+    RMSNorm,
+    apply_rope,
+    rope_cos_sin,
+)
 
 RANDOM_WEIGHTS_NOTE = (
     "random weights: decoding speed does not depend on weight values at a "
@@ -69,22 +75,12 @@ class KVCacheStatic(nn.Module):
         return self.k, self.v
 
 
-class CausalBlock(nn.Module):
-    """LLaDA's block (pre-norm GQA attention + SwiGLU MLP) with a causal, cached attention."""
+class CausalBlock(LLaDABlock):
+    """LLaDA's block (pre-norm GQA attention + SwiGLU MLP, the very same layers) with a
+    causal, cached attention in place of the non-causal one."""
 
     def __init__(self, cfg: LLaDAConfig) -> None:
-        super().__init__()
-        d, hd = cfg.d_model, cfg.head_dim
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
-        self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.q_proj = nn.Linear(d, cfg.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
-        self.attn_out = nn.Linear(cfg.n_heads * hd, d, bias=False)
-        self.ff_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.ff_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)
-        self.up_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)
-        self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)
+        super().__init__(cfg)
         self.cache: Optional[KVCacheStatic] = None
 
     def forward(

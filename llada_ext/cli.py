@@ -27,6 +27,17 @@ class CLIError(Exception):
 # ------------------------------------------------------------------------------------------
 # argument definitions
 # ------------------------------------------------------------------------------------------
+def _add_model_loading(p: argparse.ArgumentParser) -> None:
+    """Options of the sub-commands that load a saved model folder."""
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="weights dtype: 'auto' = bfloat16 on CUDA, float32 on CPU (default: %(default)s)",
+    )
+    p.add_argument("--tokenizer", metavar="FOLDER", help="tokenizer folder (default: --model)")
+
+
 def _add_common_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--device",
@@ -343,13 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="low_confidence",
         help="which predictions are kept each step (default: %(default)s)",
     )
-    p.add_argument(
-        "--dtype",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        default="auto",
-        help="weights dtype: 'auto' = bfloat16 on CUDA, float32 on CPU (default: %(default)s)",
-    )
-    p.add_argument("--tokenizer", metavar="FOLDER", help="tokenizer folder (default: --model)")
+    _add_model_loading(p)
     p.add_argument("--json", action="store_true", help="print results as JSON lines")
     _add_common_runtime(p)
     p.set_defaults(func=_cmd_sample)
@@ -380,13 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="classifier-free guidance scale (default: %(default)s)",
     )
-    p.add_argument(
-        "--dtype",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        default="auto",
-        help="weights dtype: 'auto' = bfloat16 on CUDA, float32 on CPU (default: %(default)s)",
-    )
-    p.add_argument("--tokenizer", metavar="FOLDER", help="tokenizer folder (default: --model)")
+    _add_model_loading(p)
     _add_common_runtime(p)
     p.set_defaults(func=_cmd_loglik)
 
