@@ -156,6 +156,16 @@ struct Arena {
   }
   std::vector<float> mem;
   size_t used = 0;
+  // Allocates the thread's tiles; false if memory ran out (the caller reports it once the
+  // parallel region ends, so no exception crosses an OpenMP boundary).
+  bool reserve(size_t floats) {
+    try {
+      mem.resize(floats);
+      return true;
+    } catch (const std::bad_alloc&) {
+      return false;
+    }
+  }
   float* take(int64_t n) {
     float* ptr = mem.data() + used;
     used += padded(n);
@@ -182,11 +192,8 @@ llada_status attention_fwd_impl(const AttnFwdParams& p) {
 #pragma omp parallel
   {
     Arena arena;
-    bool ok = true;
-    try {
-      arena.mem.resize(arena_floats);
-    } catch (const std::bad_alloc&) {
-      ok = false;
+    const bool ok = arena.reserve(arena_floats);
+    if (!ok) {
 #pragma omp atomic write
       alloc_failed = true;
     }
@@ -339,11 +346,8 @@ llada_status attention_bwd_impl(const AttnBwdParams& p) {
 #pragma omp parallel
     {
       Arena arena;
-      bool ok = true;
-      try {
-        arena.mem.resize(arena_floats);
-      } catch (const std::bad_alloc&) {
-        ok = false;
+      const bool ok = arena.reserve(arena_floats);
+      if (!ok) {
 #pragma omp atomic write
         alloc_failed = true;
       }
@@ -406,11 +410,8 @@ llada_status attention_bwd_impl(const AttnBwdParams& p) {
 #pragma omp parallel
     {
       Arena arena;
-      bool ok = true;
-      try {
-        arena.mem.resize(arena_floats);
-      } catch (const std::bad_alloc&) {
-        ok = false;
+      const bool ok = arena.reserve(arena_floats);
+      if (!ok) {
 #pragma omp atomic write
         alloc_failed = true;
       }
