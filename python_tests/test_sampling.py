@@ -55,6 +55,11 @@ def ref_generate(
     cfg_scale=0.0,
     remasking="low_confidence",
     mask_id=126336,
+    logits_eos_inf=False,
+    confidence_eos_eot_inf=False,
+    eos_id=126081,
+    eot_id=126348,
+    stable_ties=False,
 ):
     x = torch.full((prompt.shape[0], prompt.shape[1] + gen_length), mask_id, dtype=torch.long).to(
         model.device
@@ -105,8 +110,14 @@ def ref_generate(
             else:
                 logits = model(x, attention_mask=attention_mask).logits
 
+            if logits_eos_inf:
+                logits[:, :, eos_id] = -torch.inf
+
             logits_with_noise = add_gumbel_noise(logits, temperature=temperature)
             x0 = torch.argmax(logits_with_noise, dim=-1)  # b, l
+
+            if confidence_eos_eot_inf:
+                logits_with_noise[:, :, eos_id] = logits[:, :, eot_id] = -torch.inf
 
             if remasking == "low_confidence":
                 p = F.softmax(logits, dim=-1)
@@ -125,7 +136,11 @@ def ref_generate(
 
             transfer_index = torch.zeros_like(x0, dtype=torch.bool, device=x0.device)
             for j in range(confidence.shape[0]):
-                _, select_index = torch.topk(confidence[j], k=num_transfer_tokens[j, i])
+                if stable_ties:  # equal confidences (the zeroed EOS ones): lower position first
+                    select_index = torch.sort(confidence[j], descending=True, stable=True)[1]
+                    select_index = select_index[: num_transfer_tokens[j, i]]
+                else:
+                    _, select_index = torch.topk(confidence[j], k=num_transfer_tokens[j, i])
                 transfer_index[j, select_index] = True
             x[transfer_index] = x0[transfer_index]
 
@@ -230,13 +245,128 @@ def test_matches_public_sampler_left_padded(cfg):
         assert torch.equal(out[r : r + 1, 7 - n :], alone)
 
 
-def test_prompt_with_masks_matches_public_sampler():
+@pytest.mark.parametrize("remasking", ["low_confidence", "random"])
+@pytest.mark.parametrize("gen_length,steps,block_length,cfg", COMBOS[1:5])
+def test_every_reference_strategy_token_for_token(remasking, gen_length, steps, block_length, cfg):
+    """Both strategies of the public sampler at temperature 0: "random" draws its
+    confidences with torch.rand over the whole sequence, as the reference does, so the same
+    seed gives the same tokens (with the global generator and with an explicit one)."""
+    model = tiny_model(seed=3)
+    prompt, mask = left_padded_batch(model, lens=(4, 6), seed=gen_length)
+    kw = dict(steps=steps, gen_length=gen_length, block_length=block_length, cfg_scale=cfg)
+    torch.manual_seed(11)
+    ref = ref_generate(model, prompt, attention_mask=mask, remasking=remasking, mask_id=60, **kw)
+    torch.manual_seed(11)
+    out = lx.generate(model, prompt, attention_mask=mask, remasking=remasking, **kw)
+    assert torch.equal(out, ref)
+    if remasking == "random":
+        g = torch.Generator().manual_seed(5)
+        with_gen = lx.generate(
+            model, prompt, attention_mask=mask, remasking=remasking, generator=g, **kw
+        )
+        torch.manual_seed(5)
+        assert torch.equal(
+            with_gen,
+            ref_generate(model, prompt, attention_mask=mask, remasking=remasking, mask_id=60, **kw),
+        )
+
+
+def eos_prone_model():
+    """A tiny model where EOS is the prediction at many, not all, positions."""
+    model = tiny_model(seed=2)
+    eos = model.config.eos_token_id
+    with torch.no_grad():
+        model.lm_head.weight[eos] = model.lm_head.weight[45] * 1.1
+    return model, eos
+
+
+def test_forbid_eos_matches_reference_logits_eos_inf():
+    model, eos = eos_prone_model()
+    prompt = torch.randint(0, 55, (2, 5), generator=torch.Generator().manual_seed(8))
+    kw = dict(steps=8, gen_length=8, block_length=4)
+    plain = lx.generate(model, prompt, **kw)
+    assert (plain[:, 5:] == eos).any()
+    for cfg in (0.0, 1.0):
+        ref = ref_generate(
+            model, prompt, mask_id=60, logits_eos_inf=True, eos_id=eos, cfg_scale=cfg, **kw
+        )
+        out = lx.generate(model, prompt, forbid_eos=True, cfg_scale=cfg, **kw)
+        assert torch.equal(out, ref)
+        assert not (out == eos).any()
+
+
+@pytest.mark.parametrize("cfg", [0.0, 1.0])
+def test_zero_eos_confidence_matches_reference_at_temperature_0(cfg):
+    model, eos = eos_prone_model()
+    eot = 7
+    prompt = torch.randint(0, 55, (2, 5), generator=torch.Generator().manual_seed(8))
+    kw = dict(steps=8, gen_length=8, block_length=8, cfg_scale=cfg)
+    # the zeroed confidences tie; torch.topk orders ties arbitrarily, so the reference here
+    # breaks them by position, as lx.remask does
+    ref = ref_generate(
+        model,
+        prompt,
+        mask_id=60,
+        confidence_eos_eot_inf=True,
+        eos_id=eos,
+        eot_id=eot,
+        stable_ties=True,
+        **kw,
+    )
+    seen = []
+
+    def watch(step, x, conf):
+        seen.append((x.clone(), conf.clone()))
+
+    out = lx.generate(model, prompt, zero_eos_confidence=True, eot_id=eot, callback=watch, **kw)
+    assert torch.equal(out, ref)
+    assert not torch.equal(out, lx.generate(model, prompt, **kw))  # the option matters here
+    assert len(seen) == 8
+    x_start = torch.cat([prompt, torch.full((2, 8), 60)], 1)
+    assert check_end_tokens_last(x_start, seen, 5) > 0
+
+
+def check_end_tokens_last(x_start, seen, plen):
+    """At every step, a candidate whose confidence was demoted (EOS / EoT prediction) is
+    unmasked only if every other candidate of its row was unmasked in that step too.
+    Returns how many demoted candidates were seen."""
+    before = x_start
+    demoted_total = 0
+    for after, conf in seen:
+        cand = before[:, plen:] == 60
+        new = cand & (after[:, plen:] != 60)
+        demoted = cand & (conf < -1e29)
+        normal = cand & (conf > -1e29)
+        demoted_total += int(demoted.sum())
+        for r in range(before.shape[0]):
+            if (new[r] & demoted[r]).any():
+                assert (new[r] | ~normal[r]).all()
+        before = after
+    return demoted_total
+
+
+def test_zero_eos_confidence_at_temperature_demotes_end_predictions():
+    """At temperature > 0 the reference leaves EOS confidences alone; the option does not."""
+    model, eos = eos_prone_model()
+    prompt = torch.randint(0, 55, (3, 5), generator=torch.Generator().manual_seed(9))
+    seen = []
+
+    def watch(step, x, conf):
+        seen.append((x.clone(), conf.clone()))
+
+    kw = dict(steps=8, gen_length=8, block_length=8, temperature=0.7)
+    g = torch.Generator().manual_seed(3)
+    lx.generate(model, prompt, zero_eos_confidence=True, generator=g, callback=watch, **kw)
+    x_start = torch.cat([prompt, torch.full((3, 8), 60)], 1)
+    assert check_end_tokens_last(x_start, seen, 5) > 0
+
+
+def test_prompt_with_mask_token_is_refused():
     model = tiny_model()
     prompt = torch.randint(0, 55, (2, 6), generator=torch.Generator().manual_seed(5))
-    prompt[0, 2] = prompt[1, 4] = 60  # masks inside the prompt are candidates too
-    kw = dict(steps=6, gen_length=6, block_length=3)
-    ref = ref_generate(model, prompt, mask_id=60, **kw)
-    assert torch.equal(lx.generate(model, prompt, **kw), ref)
+    prompt[1, 4] = 60
+    with pytest.raises(ValueError, match=r"prompt_ids contains mask_id 60 \(rows \[1\]\)"):
+        lx.generate(model, prompt, steps=6, gen_length=6, block_length=3)
 
 
 def test_plain_logits_model_path():
