@@ -33,7 +33,7 @@ from .ops import (  # noqa: E402
     remask,
     remask_,
 )
-from .sampling import generate  # noqa: E402
+from .sampling import SamplerGraphs, decode_answers, generate, truncate_at_eos  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -46,6 +46,9 @@ __all__ = [
     "LLaDAConfig",
     "LLaDAModel",
     "generate",
+    "SamplerGraphs",
+    "decode_answers",
+    "truncate_at_eos",
     "log_likelihood",
     "has_cuda_kernels",
 ]

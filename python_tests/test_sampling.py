@@ -9,7 +9,12 @@ import torch.nn.functional as F
 
 import llada_ext as lx
 from llada_ext.model import LLaDAConfig, LLaDAModel
-from llada_ext.sampling import get_num_transfer_tokens
+from llada_ext.sampling import (
+    SamplerGraphs,
+    factor_count,
+    get_num_transfer_tokens,
+    select_transfer,
+)
 
 CUDA = torch.cuda.is_available()
 
@@ -542,6 +547,221 @@ def test_eos_early_stop(monkeypatch):
     assert torch.equal(early, full)
 
 
+def test_eos_early_stop_needs_eos_through_the_block_end(monkeypatch):
+    """A row whose answer has an EOS followed by other tokens has not finished."""
+    model = tiny_model()
+    eos = model.config.eos_token_id
+    head = model.model.transformer.ff_out
+
+    class Pattern(torch.nn.Module):
+        """Predicts EOS everywhere except answer position 1 of row 0 (a word after EOS)."""
+
+        def __init__(self):
+            super().__init__()
+            self.weight = head.weight
+
+        def forward(self, h):
+            out = head(h).clone()
+            out[..., eos] += 100.0
+            if out.shape[1] >= 4:  # the first block's window (positions 4..7)
+                out[0, 1, 3] += 300.0
+            return out
+
+    monkeypatch.setattr(type(model), "lm_head", property(lambda self: Pattern()))
+    prompt = torch.randint(0, 55, (2, 4), generator=torch.Generator().manual_seed(0))
+    kw = dict(gen_length=12, steps=6, block_length=4)
+    counter = Counting(model, monkeypatch)
+    out = lx.generate(model, prompt, eos_early_stop=True, **kw)
+    assert out[0, 5] == 3 and out[0, 4] == eos
+    assert counter.full == 6  # no early stop: row 0 has a token after its first EOS
+
+
+def test_factor_count_matches_a_loop():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        w = int(torch.randint(1, 9, (), generator=g))
+        conf = torch.rand(3, w, generator=g) ** 0.2
+        ncand = torch.randint(0, w + 1, (3,), generator=g)
+        conf = torch.where(torch.arange(w) < ncand[:, None], conf, float("-inf"))
+        conf = conf.sort(dim=1, descending=True).values
+        f = float(torch.rand((), generator=g)) * 2
+        got = factor_count(conf, ncand, f)
+        for r in range(3):
+            n = 0
+            for i in range(int(ncand[r])):  # rank i + 1 needs c >= 1 - f / (i + 2)
+                if i == 0 or conf[r, i] >= 1 - f / (i + 2):
+                    n += 1
+                else:
+                    break
+            assert int(got[r]) == n
+
+
+def ref_factor_generate(model, prompt, gen_length, block_length, factor, mask_id=60):
+    """Fast-dLLM's factor rule written out: one block at a time, each step unmasks the n
+    most confident masks of the block for the largest n whose ranks all pass
+    c_i >= 1 - factor / (i + 1) (at least one)."""
+    x = torch.cat([prompt, torch.full((prompt.shape[0], gen_length), mask_id)], 1)
+    plen = prompt.shape[1]
+    for nb in range(gen_length // block_length):
+        s, e = plen + nb * block_length, plen + (nb + 1) * block_length
+        while (x[:, s:e] == mask_id).any():
+            logits = model.double()(x).logits[:, s:e]
+            model.float()
+            p = torch.softmax(logits, -1).detach()
+            x0 = p.argmax(-1)
+            c = p.gather(-1, x0[..., None])[..., 0]
+            for r in range(x.shape[0]):
+                cand = (x[r, s:e] == mask_id).nonzero()[:, 0].tolist()
+                if not cand:
+                    continue
+                order = sorted(cand, key=lambda j: (-float(c[r, j]), j))
+                n = 1
+                while n < len(order) and c[r, order[n]] >= 1 - factor / (n + 2):
+                    n += 1
+                for j in order[:n]:
+                    x[r, s + j] = x0[r, j]
+    return x
+
+
+@pytest.mark.parametrize("factor", [0.05, 0.6, 1.5, 1e6])
+def test_factor_rule_matches_written_out_rule(factor):
+    model = tiny_model(seed=7)
+    with torch.no_grad():  # sharper predictions so that the rule takes several tokens
+        model.lm_head.weight.mul_(4.0)
+    prompt = torch.randint(0, 55, (2, 5), generator=torch.Generator().manual_seed(1))
+    steps = []
+    out = lx.generate(
+        model,
+        prompt,
+        gen_length=12,
+        steps=12,
+        block_length=4,
+        factor=factor,
+        callback=lambda i, x, c: steps.append(i),
+    )
+    ref = ref_factor_generate(model, prompt, 12, 4, factor)
+    assert torch.equal(out, ref)
+    if factor == 1e6:
+        assert len(steps) == 3  # every block in one step
+    if factor == 0.05:
+        plain = lx.generate(model, prompt, gen_length=12, steps=12, block_length=4)
+        assert len(steps) == 12 and torch.equal(out, plain)
+
+
+def test_select_transfer_matches_a_loop():
+    """count = max(min(k, #candidates), #above threshold), most confident first, ties to the
+    lower position (the lx.remask rules), on rows with repeated confidences."""
+    g = torch.Generator().manual_seed(1)
+    for _ in range(60):
+        w = int(torch.randint(1, 10, (), generator=g))
+        conf = torch.randint(0, 4, (3, w), generator=g).float() / 4  # many ties
+        cand = torch.rand(3, w, generator=g) < 0.7
+        conf = torch.where(cand, conf, float("-inf"))
+        k = torch.randint(0, w + 2, (3,), generator=g)
+        tau = [None, 0.4][int(torch.randint(0, 2, (), generator=g))]
+        got = select_transfer(conf, k, threshold=tau)
+        for r in range(3):
+            idx = [j for j in range(w) if cand[r, j]]
+            order = sorted(idx, key=lambda j: (-float(conf[r, j]), j))
+            n = min(int(k[r]), len(idx))
+            if tau is not None:
+                n = max(n, sum(1 for j in idx if conf[r, j] > tau))
+            want = torch.zeros(w, dtype=torch.bool)
+            want[order[:n]] = True
+            assert torch.equal(got[r], want)
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("cfg", [0.0, 1.0])
+def test_cache_refreshed_every_step_equals_no_cache(cache, cfg, monkeypatch):
+    """The cache machinery (full pass filling the cache, reading the block's logits from it)
+    is exact when refreshed at every step; the normal schedule reads stale keys (3 layers)."""
+    model = tiny_model(n_layers=3, seed=5)
+    prompt, mask = left_padded_batch(model, lens=(6, 3), seed=6)
+    kw = dict(gen_length=12, steps=12, block_length=4, cfg_scale=cfg, attention_mask=mask)
+    plain = lx.generate(model, prompt, **kw)
+    counter = Counting(model, monkeypatch)
+    refreshed = lx.generate(model, prompt, cache=cache, cache_refresh=1, **kw)
+    assert torch.equal(refreshed, plain)
+    assert (counter.full, counter.sliced) == (12, 0)
+    counter.full = counter.sliced = 0
+    lx.generate(model, prompt, cache=cache, cache_refresh=2, **kw)
+    assert (counter.full, counter.sliced) == (6, 6)
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cached_rows_of_a_padded_batch_equal_rows_alone(cache):
+    model = tiny_model(n_layers=2, seed=8)
+    lens = (5, 2, 7)
+    prompt, mask = left_padded_batch(model, lens=lens, seed=3)
+    kw = dict(gen_length=12, steps=12, block_length=4, cache=cache, cfg_scale=0.5)
+    out = lx.generate(model, prompt, attention_mask=mask, **kw)
+    for r, n in enumerate(lens):
+        alone = lx.generate(model, prompt[r : r + 1, 7 - n :], **kw)
+        assert torch.equal(out[r : r + 1, 7 - n :], alone)
+
+
+def test_callback_sees_the_canvas_fill_in():
+    model = tiny_model()
+    prompt = torch.randint(0, 55, (2, 5), generator=torch.Generator().manual_seed(4))
+    seen = []
+    out = lx.generate(
+        model,
+        prompt,
+        gen_length=8,
+        steps=8,
+        block_length=4,
+        callback=lambda i, x, c: seen.append((i, x.clone(), c.clone())),
+    )
+    assert [s[0] for s in seen] == list(range(8))
+    masks = [int((s[1] == 60).sum()) for s in seen]
+    assert masks == [14, 12, 10, 8, 6, 4, 2, 0]  # one token per row per step
+    assert all(s[2].shape == (2, 4) and s[2].dtype == torch.float32 for s in seen)
+    assert torch.equal(seen[-1][1], out)
+    # the first step of a block scores every position of the block; the kept one is the best
+    first = seen[0][2]
+    assert torch.isfinite(first).all()
+    kept = (seen[0][1][:, 5:9] != 60).float().argmax(-1)
+    assert torch.equal(kept, first.argmax(-1))
+
+
+class _EagerButFrozen(SamplerGraphs):
+    """Runs units eagerly but behaves like recorded graphs for random draws, so the
+    selection-after-the-unit path is exercised without a GPU."""
+
+    @property
+    def freezes_randomness(self):
+        return True
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+def test_graph_units_through_static_buffers_equal_eager(cache):
+    model = tiny_model(seed=9)
+    prompt, mask = left_padded_batch(model, lens=(4, 6), seed=5)
+    base = dict(gen_length=12, steps=12, block_length=4, cache=cache, attention_mask=mask)
+    for runner in (SamplerGraphs(capture=False), _EagerButFrozen(capture=False)):
+        for extra in (
+            {},
+            {"cfg_scale": 1.0},
+            {"temperature": 0.8},
+            {"remasking": "random"},
+            {"threshold": 0.2},
+            {"factor": 0.8, "zero_eos_confidence": True},
+        ):
+            kw = {**base, **extra}
+            eager = lx.generate(model, prompt, generator=torch.Generator().manual_seed(1), **kw)
+            # twice through the same runner: the static buffers are refilled per call
+            for _ in range(2):
+                got = lx.generate(
+                    model,
+                    prompt,
+                    generator=torch.Generator().manual_seed(1),
+                    cuda_graphs=runner,
+                    **kw,
+                )
+                assert torch.equal(got, eager), extra
+
+
 def test_validation():
     model = tiny_model()
     p = torch.randint(0, 55, (1, 3))
@@ -561,6 +781,31 @@ def test_validation():
         lx.generate(model, p, gen_length=0, steps=4, block_length=4)
     with pytest.raises(TypeError, match="prompt_ids"):
         lx.generate(model, "hello", gen_length=4, steps=4, block_length=4)
+    bad = [
+        (dict(prompt_ids=torch.zeros(1, 0, dtype=torch.long)), ValueError, "empty"),
+        (dict(attention_mask=torch.tensor([[0, 0, 0]])), ValueError, "no real token"),
+        (dict(threshold=0.5, factor=1.0), ValueError, "pick one"),
+        (dict(factor=1.0, remasking="entropy"), ValueError, "factor"),
+        (dict(factor=0.0), ValueError, "factor"),
+        (dict(threshold=float("nan")), ValueError, "threshold"),
+        (dict(cache_refresh=2), ValueError, "cache_refresh"),
+        (dict(cache="prefix", cache_refresh=0), ValueError, "cache_refresh"),
+        (dict(cuda_graphs=True), ValueError, "cuda_graphs"),
+        (dict(cuda_graphs="yes"), TypeError, "cuda_graphs"),
+        (dict(random_source="numpy"), ValueError, "random_source"),
+        (dict(callback=3), TypeError, "callback"),
+        (dict(temperature=-1.0), ValueError, "temperature"),
+        (dict(generator=3), TypeError, "generator"),
+        (dict(forbid_eos=True, eos_id=61), ValueError, "eos_id"),
+        (dict(zero_eos_confidence=True, eot_id=-1), ValueError, "eot_id"),
+    ]
+    for extra, exc, msg in bad:
+        kw = dict(prompt_ids=p, gen_length=4, steps=4, block_length=4)
+        kw.update(extra)
+        if torch.cuda.is_available() and extra.get("cuda_graphs") is True:
+            continue
+        with pytest.raises(exc, match=msg):
+            lx.generate(model, **kw)
     # a 1-D prompt and a list are accepted
     a = lx.generate(model, p[0], gen_length=4, steps=4, block_length=4)
     b = lx.generate(model, p[0].tolist(), gen_length=4, steps=4, block_length=4)
@@ -582,3 +827,35 @@ def test_cuda_matches_public_sampler_bf16():
     for cache in ("prefix", "dual"):
         out = lx.generate(model, prompt, gen_length=8, steps=8, block_length=4, cache=cache)
         assert not (out == 60).any()
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA not available")
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+def test_cuda_graphs_equal_eager(cache):
+    """Recorded steps replay the same tokens as the eager sampler, across calls and for every
+    kind of selection (in the graph when deterministic, after it when random)."""
+    model = tiny_model(backend="kernels", seed=9).to("cuda", torch.bfloat16)
+    prompt, mask = left_padded_batch(model, lens=(4, 6), seed=5)
+    prompt, mask = prompt.cuda(), mask.cuda()
+    base = dict(gen_length=16, steps=16, block_length=4, cache=cache, attention_mask=mask)
+    graphs = SamplerGraphs()
+    for extra in (
+        {},
+        {"cfg_scale": 1.0},
+        {"temperature": 0.8},
+        {"remasking": "random", "random_source": "philox"},
+        {"threshold": 0.2},
+        {"factor": 0.8, "zero_eos_confidence": True},
+    ):
+        kw = {**base, **extra}
+        eager = lx.generate(model, prompt, generator=torch.Generator("cuda").manual_seed(1), **kw)
+        for runner in (True, graphs, graphs):
+            got = lx.generate(
+                model,
+                prompt,
+                generator=torch.Generator("cuda").manual_seed(1),
+                cuda_graphs=runner,
+                **kw,
+            )
+            assert torch.equal(got, eager), extra
+    assert len(graphs.graphs) > 0

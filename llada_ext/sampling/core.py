@@ -461,6 +461,14 @@ def generate(
         eos_id = _config_id(config, "eos_token_id", eos_id, "eos_id", "the EOS options")
     if zero_eos_confidence and eot_id is None:
         eot_id = getattr(config, "eot_token_id", None) if config is not None else None
+    vocab = getattr(config, "vocab_size", None) if config is not None else None
+    for name, value in (("mask_id", mask_id), ("eos_id", eos_id), ("eot_id", eot_id)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < 0 or (vocab is not None and value >= vocab):
+            raise ValueError(f"{name} must be a token id in [0, {vocab}), got {value}")
     if bool((prompt == mask_id).any()):
         rows = sorted({int(r) for r in (prompt == mask_id).nonzero()[:, 0].tolist()})
         raise ValueError(
