@@ -9,8 +9,8 @@ For every (model dims, batch, prompt length, answer length) of the grid it measu
   when transformers is installed.
 - ``diffusion-{none,prefix,dual}``: :func:`llada_ext.generate` (kernel attention + fused
   remask, LM head on the current block only) with that block cache, at k = 1, 2, 4, 8 tokens
-  per step (steps = gen_length / k); on CUDA also ``...-graphs``: the same steps replayed from
-  CUDA graphs (one graph per block shape; the sampler itself runs eagerly).
+  per step (steps = gen_length / k); on CUDA also ``...-graphs``: the same sampler with its
+  steps replayed from CUDA graphs (``generate(cuda_graphs=SamplerGraphs())``).
 - ``reference``: the public LLaDA sampler loop in plain torch (SDPA attention, logits of the
   whole sequence, softmax + gather + a topk per row) on the same weights, at the same k.
 
@@ -70,8 +70,8 @@ from bench_common import (  # noqa: E402
 )
 
 import llada_ext as lx  # noqa: E402
-from llada_ext.model import KVCache, LLaDAConfig, LLaDAModel  # noqa: E402
-from llada_ext.sampling import generate, get_num_transfer_tokens  # noqa: E402
+from llada_ext.model import LLaDAConfig, LLaDAModel  # noqa: E402
+from llada_ext.sampling import SamplerGraphs, generate, get_num_transfer_tokens  # noqa: E402
 
 GRIDS: dict[str, dict[str, list]] = {
     "full": {
@@ -154,122 +154,6 @@ def reference_generate(
                 transfer[j, select] = True
             x[transfer] = x0[transfer]
     return x
-
-
-# ---------------------------------------------------------------------------------------
-# CUDA-graph replay of the sampler's steps
-# ---------------------------------------------------------------------------------------
-
-
-class GraphedSampler:
-    """:func:`llada_ext.generate` (temperature 0, low-confidence remasking, no CFG) with every
-    model step replayed from a CUDA graph.
-
-    ``cache="none"``: one graph per block (full forward, LM head on the block, ``remask_``).
-    ``"prefix"`` / ``"dual"``: one graph for the full pass that fills the key/value cache
-    (shared by every block), the block's first remask eagerly, and one graph per block for
-    the slice step (``x[:, start:]`` or the block against the cache). All graphs share one
-    memory pool; they read and write static buffers (sequence, per-row transfer count, cache)
-    that the loop refills, so the host never waits on the device inside a generation.
-    """
-
-    def __init__(self, model: LLaDAModel, cache: str) -> None:
-        if cache not in ("none", "prefix", "dual"):
-            raise ValueError(f"cache must be none/prefix/dual, got {cache!r}")
-        self.model, self.cache = model, cache
-        self.mask_id = int(model.config.mask_token_id)
-        self.key: Optional[tuple] = None
-        self.pool = None
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-
-    def _capture(self, fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()  # warm-up outside the capture (lazy library initialisation)
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool):
-            out = fn()
-        return g, out
-
-    def _new_pool(self) -> Any:
-        return torch.cuda.graph_pool_handle()
-
-    def release(self) -> None:
-        """Drop the graphs and static buffers (their memory returns to torch's allocator)."""
-        self.graphs.clear()
-        self.key = None
-        for name in ("full_graph", "full_hidden", "kv", "x", "nt"):
-            self.__dict__.pop(name, None)
-        self.pool = None
-
-    def _prepare(self, b: int, plen: int, gen_length: int, block_length: int) -> None:
-        key = (b, plen, gen_length, block_length)
-        if key == self.key:
-            return
-        self.release()
-        torch.cuda.empty_cache()
-        m, dev = self.model, self.model.device
-        total = plen + gen_length
-        self.x = torch.full((b, total), self.mask_id, dtype=torch.int64, device=dev)
-        self.nt = torch.ones(b, dtype=torch.int64, device=dev)
-        self.pool = self._new_pool()
-        mask_id = self.mask_id
-        if self.cache != "none":
-            # full pass: its keys/values (graph outputs, fixed addresses) are the cache that the
-            # slice graphs read and refresh
-            def full() -> tuple[torch.Tensor, KVCache]:
-                kv = KVCache()
-                return m.forward_hidden(self.x, None, kv_cache=kv), kv
-
-            self.full_graph, (self.full_hidden, self.kv) = self._capture(full)
-        for nb in range(gen_length // block_length):
-            start = plen + nb * block_length
-            end = start + block_length
-
-            def step(start: int = start, end: int = end) -> None:
-                if self.cache == "none":
-                    hidden = m.forward_hidden(self.x, None)[:, start:end]
-                elif self.cache == "prefix":
-                    hidden = m.forward_hidden(
-                        self.x[:, start:], None, kv_cache=self.kv, cache_start=start
-                    )[:, : end - start]
-                else:
-                    hidden = m.forward_hidden(
-                        self.x[:, start:end], None, kv_cache=self.kv, cache_start=start
-                    )
-                lx.remask_(m.lm_head(hidden), self.x, self.nt, mask_id=mask_id, offset=start)
-
-            self.graphs[nb], _ = self._capture(step)
-        self.key = key
-
-    @torch.no_grad()
-    def generate(
-        self, prompt: torch.Tensor, *, gen_length: int, steps: int, block_length: int
-    ) -> torch.Tensor:
-        """Same arguments and result as ``llada_ext.generate(..., cache=self.cache)``."""
-        b, plen = prompt.shape
-        num_blocks = gen_length // block_length
-        spb = steps // num_blocks
-        self._prepare(b, plen, gen_length, block_length)
-        x, nt, m = self.x, self.nt, self.model
-        x.fill_(self.mask_id)
-        x[:, :plen] = prompt
-        for nb in range(num_blocks):
-            start = plen + nb * block_length
-            end = start + block_length
-            schedule = get_num_transfer_tokens(x[:, start:end] == self.mask_id, spb)
-            first = 0
-            if self.cache != "none":
-                self.full_graph.replay()
-                logits = m.lm_head(self.full_hidden[:, start:end])
-                lx.remask_(logits, x, schedule[:, 0], mask_id=self.mask_id, offset=start)
-                first = 1
-            for i in range(first, spb):
-                nt.copy_(schedule[:, i])
-                self.graphs[nb].replay()
-        return x.clone()
 
 
 # ---------------------------------------------------------------------------------------
@@ -414,18 +298,19 @@ def _diffusion_point(
     model.backend = "kernels"
     cache = method.split("-")[1]
     if method.endswith("-graphs"):
-        # a fresh sampler per point: its static buffers and graph pool are freed right after
-        sampler = GraphedSampler(model, cache)
+        # one recorder per point (graphs recorded in the warm-up run, replayed in the timed
+        # runs); its static buffers and graph pool are freed right after
+        graphs = SamplerGraphs()
         try:
             m = measure(
-                lambda: sampler.generate(prompt, **full),
-                lambda: sampler.generate(prompt, **full),
+                lambda: generate(model, prompt, cache=cache, cuda_graphs=graphs, **full),
+                lambda: generate(model, prompt, cache=cache, cuda_graphs=graphs, **full),
                 device,
                 repeats,
             )
         finally:
-            sampler.release()
-            del sampler
+            graphs.release()
+            del graphs
             _free(device)
         # the graphs must decode exactly what the eager sampler decodes
         try:

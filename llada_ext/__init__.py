@@ -24,7 +24,7 @@ def _preload_openblas() -> None:
 _preload_openblas()
 
 from . import _C  # noqa: E402
-from .likelihood import log_likelihood  # noqa: E402
+from .likelihood import log_likelihood, score_choices  # noqa: E402
 from .model import LLaDAConfig, LLaDAModel  # noqa: E402
 from .ops import (  # noqa: E402
     attention,
@@ -50,6 +50,7 @@ __all__ = [
     "decode_answers",
     "truncate_at_eos",
     "log_likelihood",
+    "score_choices",
     "has_cuda_kernels",
 ]
 

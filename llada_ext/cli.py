@@ -309,7 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
         "sample",
         help="generate answers for prompts",
         description="Load a saved model folder and generate an answer for each prompt with "
-        "the reverse process (low-confidence remasking, semi-autoregressive blocks).",
+        "the reverse process (low-confidence remasking, semi-autoregressive blocks). Prompts "
+        "come from --prompt, --prompt-file, or standard input (one per line) when neither is "
+        "given. With the default options the output is that of the public LLaDA sampler; the "
+        "options under 'speed' trade exactness for speed.",
     )
     p.add_argument("--model", required=True, metavar="FOLDER", help="saved model folder")
     p.add_argument(
@@ -317,17 +320,42 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="TEXT",
-        help="prompt text (repeat for several prompts)",
+        help="prompt text (repeat for several prompts); '-' reads prompts from standard input, "
+        "one per line",
     )
-    p.add_argument("--prompt-file", metavar="FILE", help="file with one prompt per line")
     p.add_argument(
-        "--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template"
+        "--prompt-file",
+        metavar="FILE",
+        help="file with one prompt per line ('-' = standard input); without --prompt and "
+        "--prompt-file, prompts are read from standard input when it is not a terminal",
+    )
+    p.add_argument(
+        "--chat",
+        nargs="?",
+        const="on",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="wrap each prompt in the tokenizer's chat template (for Instruct checkpoints); "
+        "'--chat' alone = 'on'; 'auto' = on when the tokenizer folder's tokenizer_config.json "
+        "defines a chat_template (the byte tokenizer never turns it on by itself; use "
+        "'--chat off' for a base model whose tokenizer ships a template) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--no-chat",
+        dest="chat",
+        action="store_const",
+        const="off",
+        help="same as --chat off",
     )
     p.add_argument(
         "--gen-length", type=int, default=64, help="answer length in tokens (default: %(default)s)"
     )
     p.add_argument(
-        "--steps", type=int, default=64, help="sampling steps in total (default: %(default)s)"
+        "--steps",
+        type=int,
+        default=64,
+        help="sampling steps in total, a multiple of gen-length / block-length "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--block-length",
@@ -354,19 +382,112 @@ def build_parser() -> argparse.ArgumentParser:
         default="low_confidence",
         help="which predictions are kept each step (default: %(default)s)",
     )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="prompts sampled together (left-padded with EOS, which the model does not "
+        "see); the answers are those of --batch-size 1, except for the random draws of "
+        "--temperature > 0 or --remasking random (default: %(default)s)",
+    )
+    p.add_argument(
+        "--show-steps",
+        action="store_true",
+        help="print the answer canvas after every step to standard error: 'step N/T: text' "
+        "with '_' for each still-masked token, one line per step run and prompt (--threshold, "
+        "--factor and --eos-early-stop can finish in fewer than T = --steps)",
+    )
+    speed = p.add_argument_group(
+        "speed",
+        "Options marked 'approximation' can change the answers compared with the default "
+        "exact sampler; they trade exactness for speed.",
+    )
+    speed.add_argument(
+        "--cache",
+        choices=("none", "prefix", "dual"),
+        default="none",
+        help="key/value caching within a block (approximation): 'prefix' reuses the prompt "
+        "and finished blocks, 'dual' also the masked suffix; the cache is rebuilt at each "
+        "block start (default: %(default)s)",
+    )
+    speed.add_argument(
+        "--cache-refresh",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --cache: also rebuild the cache every N steps inside a block (smaller N = "
+        "closer to exact and slower; 1 = exact) (default: only at block starts)",
+    )
+    speed.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        metavar="TAU",
+        help="approximation: each step also keeps every prediction whose confidence exceeds "
+        "TAU (a probability, e.g. 0.9) and ends a block once it has no mask left; pair it "
+        "with --steps equal to --gen-length (default: off)",
+    )
+    speed.add_argument(
+        "--factor",
+        type=float,
+        default=None,
+        metavar="F",
+        help="approximation: Fast-dLLM's factor rule instead of --threshold: each step keeps "
+        "the n most confident predictions for the largest n whose i-th confidence (i = 1..n) "
+        "is >= 1 - F / (i + 1); F > 0, e.g. 1.0; needs --remasking low_confidence or margin "
+        "(default: off)",
+    )
+    speed.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="replay each sampling step as a captured CUDA graph (needs a CUDA device, e.g. "
+        "--device cuda; same answers, less launch overhead)",
+    )
+    speed.add_argument(
+        "--eos-early-stop",
+        action="store_true",
+        help="approximation: once every answer ends in EOS through the end of a finished "
+        "block, fill the remaining blocks with EOS and stop (what an SFT model predicts there)",
+    )
+    eos = p.add_argument_group("end of the answer")
+    eos.add_argument(
+        "--forbid-eos",
+        action="store_true",
+        help="never predict EOS (forces answers that use the full --gen-length)",
+    )
+    eos.add_argument(
+        "--zero-eos-confidence",
+        action="store_true",
+        help="keep EOS / end-of-turn predictions last, after every other candidate (avoids "
+        "answers that end too early)",
+    )
     _add_model_loading(p)
-    p.add_argument("--json", action="store_true", help="print results as JSON lines")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='print JSON lines {"prompt": ..., "answer": ...} (answers are always cut at the '
+        "first EOS / end-of-turn token)",
+    )
     _add_common_runtime(p)
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser(
         "loglik",
-        help="estimate log p(answer | prompt)",
-        description="Monte Carlo estimate of the conditional log-likelihood (Alg. 3).",
+        help="estimate log p(answer | prompt), or rank several answers",
+        description="Monte Carlo estimate of the conditional log-likelihood (Alg. 3). With one "
+        "--answer, prints the estimate; with several, prints '<loglik> TAB <answer>' per "
+        "answer and a TAB '*' after the most likely one.",
     )
     p.add_argument("--model", required=True, metavar="FOLDER", help="saved model folder")
     p.add_argument("--prompt", required=True, help="prompt text")
-    p.add_argument("--answer", required=True, help="answer text")
+    p.add_argument(
+        "--answer",
+        required=True,
+        action="append",
+        metavar="TEXT",
+        help="answer text; repeat to score several candidate answers of the same prompt",
+    )
     p.add_argument(
         "--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template"
     )
@@ -384,6 +505,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="classifier-free guidance scale (default: %(default)s)",
+    )
+    p.add_argument(
+        "--normalize",
+        action="store_true",
+        help="divide each log-likelihood by its answer's number of tokens (compares answers "
+        "of different lengths)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='print a JSON list of {"answer": ..., "loglik": ..., "best": ...}',
     )
     _add_model_loading(p)
     _add_common_runtime(p)
@@ -447,20 +579,115 @@ def _load_model(folder: str, device_name: str, dtype_name: str, backend: str) ->
     return model.eval()
 
 
-def _answer_text(tokenizer: Any, ids: list[int]) -> str:
-    """Decode an answer, cut at the first EOS or end-of-turn token."""
-    stops = {tokenizer.eos_token_id, getattr(tokenizer, "eot_token_id", None)}
-    for i, t in enumerate(ids):
-        if t in stops:
-            ids = ids[:i]
-            break
-    return tokenizer.decode(ids)
-
-
 def _prompt_ids(tokenizer: Any, text: str, chat: bool) -> list[int]:
     if chat:
         return list(tokenizer.apply_chat_template([{"role": "user", "content": text}]))
     return list(tokenizer.encode(text))
+
+
+def _one_line(text: str) -> str:
+    """``text`` with line breaks shown as ``\\n`` / ``\\r`` so that it stays on one line."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _nonempty_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def _stdin_is_terminal() -> bool:
+    stream = sys.stdin
+    if stream is None:
+        return True
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, OSError, ValueError):  # closed or replaced standard input
+        return True
+
+
+def _read_stdin_prompts() -> list[str]:
+    stream = sys.stdin
+    if stream is None:
+        return []
+    try:
+        text = stream.read()
+    except (OSError, ValueError):  # closed or unreadable standard input
+        return []
+    return _nonempty_lines(text)
+
+
+def _collect_prompts(args: argparse.Namespace) -> list[str]:
+    """Prompts of ``sample`` in order: ``--prompt`` values, ``--prompt-file`` lines, and
+    standard input (for ``-``, or when neither option is given and it is not a terminal)."""
+    stdin_read = False
+
+    def from_stdin() -> list[str]:
+        nonlocal stdin_read
+        if stdin_read:  # a second '-' finds standard input exhausted
+            return []
+        stdin_read = True
+        return _read_stdin_prompts()
+
+    prompts: list[str] = []
+    for text in args.prompt:
+        prompts += from_stdin() if text == "-" else [text]
+    if args.prompt_file == "-":
+        prompts += from_stdin()
+    elif args.prompt_file:
+        pf = Path(args.prompt_file)
+        if not pf.is_file():
+            raise CLIError(f"--prompt-file not found: {args.prompt_file!r}")
+        prompts += _nonempty_lines(pf.read_text(encoding="utf-8"))
+    if not args.prompt and not args.prompt_file and not _stdin_is_terminal():
+        prompts += from_stdin()
+    if not prompts:
+        raise CLIError(
+            "no prompt: pass --prompt TEXT or --prompt-file FILE, or pipe prompts (one per "
+            "line) to standard input"
+        )
+    return prompts
+
+
+def _chat_enabled(mode: str, tokenizer: Any, folder: str) -> bool:
+    """``--chat on/off`` as given; ``auto``: on iff the tokenizer (not the byte tokenizer)
+    carries a chat template, as an attribute or in its folder's tokenizer_config.json."""
+    if mode != "auto":
+        return mode == "on"
+    from .tokenizer import ByteTokenizer
+
+    if isinstance(tokenizer, ByteTokenizer):
+        return False
+    if getattr(tokenizer, "chat_template", None):
+        return True
+    cfg = Path(folder) / "tokenizer_config.json"
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and bool(data.get("chat_template"))
+
+
+def _sampler_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments of ``generate`` for the speed / EOS options that were set; options
+    left at their defaults are not passed."""
+    opts: dict[str, Any] = {}
+    if args.cache != "none":
+        opts["cache"] = args.cache
+    if args.cache_refresh is not None:
+        if args.cache == "none":
+            raise CLIError("--cache-refresh needs --cache prefix or --cache dual")
+        if args.cache_refresh < 1:
+            raise CLIError(f"--cache-refresh must be >= 1, got {args.cache_refresh}")
+        opts["cache_refresh"] = args.cache_refresh
+    if args.threshold is not None:
+        opts["threshold"] = args.threshold
+    if args.factor is not None:
+        opts["factor"] = args.factor
+    if args.cuda_graphs:
+        opts["cuda_graphs"] = True
+    for name in ("eos_early_stop", "forbid_eos", "zero_eos_confidence"):
+        if getattr(args, name):
+            opts[name] = True
+    return opts
 
 
 # ------------------------------------------------------------------------------------------
@@ -601,27 +828,61 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from .sampling import generate
+    from .sampling import decode_answers, generate
     from .tokenizer import load_tokenizer
 
     _set_threads(args)
-    prompts = list(args.prompt)
-    if args.prompt_file:
-        pf = Path(args.prompt_file)
-        if not pf.is_file():
-            raise CLIError(f"--prompt-file not found: {args.prompt_file!r}")
-        prompts += [line for line in pf.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise CLIError("no prompt: pass --prompt TEXT or --prompt-file FILE")
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    options = _sampler_options(args)  # checked before the (possibly slow) model load
+    prompts = _collect_prompts(args)
     model = _load_model(args.model, args.device, args.dtype, args.backend)
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    tok_folder = args.tokenizer or args.model
+    tokenizer = load_tokenizer(tok_folder)
+    if any(options.get(k) for k in ("eos_early_stop", "forbid_eos", "zero_eos_confidence")):
+        # the ids that decoding cuts at, so that sampler and decoding agree
+        options["eos_id"] = int(tokenizer.eos_token_id)
+        eot = getattr(tokenizer, "eot_token_id", None)
+        if eot is not None:
+            options["eot_id"] = int(eot)
+    if args.cuda_graphs:
+        if model.device.type != "cuda":
+            raise CLIError(
+                f"--cuda-graphs needs a CUDA device, but the model is on {model.device.type}; "
+                "pass --device cuda on a machine with a GPU"
+            )
+        from .sampling import SamplerGraphs
+
+        # one recording for all batches: batches of the same shape replay it
+        options["cuda_graphs"] = SamplerGraphs()
+    chat = _chat_enabled(args.chat, tokenizer, tok_folder)
+    mask_id = int(model.config.mask_token_id)
+    pad_id = int(tokenizer.eos_token_id)
+    encoded = [_prompt_ids(tokenizer, text, chat) for text in prompts]
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise CLIError(f"prompt number {i + 1} is empty")
     gen = torch.Generator(device=model.device).manual_seed(args.seed)
-    for text in prompts:
-        ids = _prompt_ids(tokenizer, text, args.chat)
-        x = torch.tensor([ids], dtype=torch.long, device=model.device)
+
+    for first in range(0, len(prompts), args.batch_size):
+        group = encoded[first : first + args.batch_size]
+        width = max(len(ids) for ids in group)
+        # left padding with EOS; the attention mask hides it from the model
+        x = torch.full((len(group), width), pad_id, dtype=torch.long)
+        real = torch.zeros((len(group), width), dtype=torch.long)
+        for r, ids in enumerate(group):
+            x[r, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            real[r, width - len(ids) :] = 1
+        kwargs = dict(options)
+        if not bool(real.all()):
+            kwargs["attention_mask"] = real.to(model.device)
+        if args.show_steps:
+            kwargs["callback"] = _steps_printer(
+                tokenizer, mask_id, width, args.steps, first, len(prompts) > 1
+            )
         out = generate(
             model,
-            x,
+            x.to(model.device),
             gen_length=args.gen_length,
             steps=args.steps,
             block_length=args.block_length,
@@ -629,13 +890,30 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             cfg_scale=args.cfg_scale,
             remasking=args.remasking,
             generator=gen,
+            **kwargs,
         )
-        answer = _answer_text(tokenizer, out[0, len(ids) :].tolist())
-        if args.json:
-            print(json.dumps({"prompt": text, "answer": answer}))
-        else:
-            print(f"{text}{answer}" if not args.chat else answer)
+        answers = decode_answers(tokenizer, out, width)  # cut at the first EOS / EoT
+        for text, answer in zip(prompts[first : first + len(group)], answers):
+            if args.json:
+                print(json.dumps({"prompt": text, "answer": answer}), flush=True)
+            else:
+                print(f"{text}{answer}" if not chat else answer, flush=True)
     return 0
+
+
+def _steps_printer(
+    tokenizer: Any, mask_id: int, width: int, steps: int, first: int, numbered: bool
+) -> Any:
+    """The sampler callback of ``--show-steps``: one stderr line per step and answer."""
+
+    from .sampling import render_canvas
+
+    def callback(step: int, x: Any, confidence: Any) -> None:
+        for r, canvas in enumerate(render_canvas(tokenizer, x, width, mask_id, "_")):
+            tag = f" [{first + r + 1}]" if numbered else ""
+            print(f"step {step + 1}/{steps}{tag}: {_one_line(canvas)}", file=sys.stderr, flush=True)
+
+    return callback
 
 
 def _cmd_loglik(args: argparse.Namespace) -> int:
@@ -648,20 +926,55 @@ def _cmd_loglik(args: argparse.Namespace) -> int:
     model = _load_model(args.model, args.device, args.dtype, args.backend)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     prompt = torch.tensor(_prompt_ids(tokenizer, args.prompt, args.chat), dtype=torch.long)
-    answer = torch.tensor(tokenizer.encode(args.answer), dtype=torch.long)
-    if answer.numel() == 0:
-        raise CLIError("--answer is empty")
+    answers = list(args.answer)
+    answer_ids = [torch.tensor(tokenizer.encode(a), dtype=torch.long) for a in answers]
+    for i, ids in enumerate(answer_ids):
+        if ids.numel() == 0:
+            raise CLIError(
+                "--answer is empty" if len(answers) == 1 else f"--answer number {i + 1} is empty"
+            )
     gen = torch.Generator().manual_seed(args.seed)
-    ll = log_likelihood(
-        model,
-        prompt.to(model.device),
-        answer.to(model.device),
-        mc_num=args.mc_num,
-        batch_size=args.batch_size,
-        cfg_scale=args.cfg_scale,
-        generator=gen,
-    )
-    print(f"{ll:.6f}")
+    if len(answers) == 1 and not args.normalize:
+        scores = [
+            log_likelihood(
+                model,
+                prompt.to(model.device),
+                answer_ids[0].to(model.device),
+                mc_num=args.mc_num,
+                batch_size=args.batch_size,
+                cfg_scale=args.cfg_scale,
+                generator=gen,
+            )
+        ]
+    else:
+        from .likelihood import score_choices
+
+        scores = score_choices(
+            model,
+            prompt.to(model.device),
+            [ids.to(model.device) for ids in answer_ids],
+            mc_num=args.mc_num,
+            batch_size=args.batch_size,
+            cfg_scale=args.cfg_scale,
+            generator=gen,
+            normalize=args.normalize,
+        )
+    scores = [float(v) for v in scores]
+    best = max(range(len(scores)), key=lambda i: scores[i])  # the first one on ties
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {"answer": a, "loglik": v, "best": i == best}
+                    for i, (a, v) in enumerate(zip(answers, scores))
+                ]
+            )
+        )
+    elif len(answers) == 1:
+        print(f"{scores[0]:.6f}")
+    else:
+        for i, (a, v) in enumerate(zip(answers, scores)):
+            print(f"{v:.6f}\t{_one_line(a)}" + ("\t*" if i == best else ""))
     return 0
 
 
@@ -744,11 +1057,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if oom:
             print(_oom_message(), file=sys.stderr)
             return 1
+        # one line, whatever the message looks like
+        msg = " ".join(str(e).split("\n"))
         if isinstance(e, (CLIError, DataError, FileNotFoundError, ValueError, PermissionError)):
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {msg}", file=sys.stderr)
             return 1
         if isinstance(e, (TypeError, OSError)):
-            print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+            print(f"error: {type(e).__name__}: {msg}", file=sys.stderr)
             return 1
         raise
 

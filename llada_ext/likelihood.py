@@ -21,10 +21,12 @@ states: ``u + (cfg + 1)(c - u) = ((cfg + 1) h_c - cfg h_u) W^T``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-__all__ = ["log_likelihood", "stratified_mask"]
+__all__ = ["log_likelihood", "score_choices", "stratified_mask"]
 
 
 def stratified_mask(
@@ -177,3 +179,100 @@ def log_likelihood(
         )
         total += loss.double() / batch_size
     return -float(total) / (mc_num // batch_size)
+
+
+def score_choices(
+    model: torch.nn.Module,
+    context: Tensor | Sequence[int],
+    choices: Sequence[Tensor | Sequence[int]],
+    *,
+    mc_num: int = 128,
+    batch_size: int = 16,
+    cfg_scale: float = 0.0,
+    mask_id: int | None = None,
+    generator: torch.Generator | None = None,
+    normalize: bool = False,
+) -> list[float]:
+    """Score the answers of a multiple-choice question by their log-likelihood (Alg. 3).
+
+    Each choice is scored with :func:`log_likelihood` given the same context. The choices
+    share their Monte Carlo draws (common random numbers): every choice starts from the same
+    generator state, so two choices of equal length are evaluated on identical mask patterns
+    and the difference of their scores, which decides the ranking, has far less variance than
+    that of independent estimates. Each score is still an unbiased estimate of its own
+    bound.
+
+    Parameters
+    ----------
+    model : LLaDAModel
+        Mask predictor (uses ``forward_hidden`` and ``lm_head``).
+    context : Tensor or list of int
+        int64 [P] context (question / prompt, may be empty); never masked.
+    choices : list of (Tensor or list of int)
+        The candidate answers, each int64 [L_i] with ``L_i >= 1``.
+    mc_num : int
+        Monte Carlo samples per choice; a multiple of ``batch_size``.
+    batch_size : int
+        Samples per forward pass.
+    cfg_scale : float
+        Classifier-free guidance scale (0 = off); the unconditional pass masks the context.
+    mask_id : int, optional
+        Default ``model.config.mask_token_id``.
+    generator : torch.Generator, optional
+        Randomness of the masking draws. Every choice is scored from the state the generator
+        has on entry, so ``score_choices(..., generator=g)[i]`` equals
+        ``log_likelihood(model, context, choices[i], ..., generator=g')`` for a ``g'`` in
+        that same state (e.g. the same seed). On return the generator is where scoring the
+        last choice left it, so the next call draws afresh. Without a generator, one is
+        seeded from torch's global random number generator, so the choices still share
+        their draws.
+    normalize : bool
+        Divide each log-likelihood by its choice's length in tokens (a per-token score that
+        does not favour short answers).
+
+    Returns
+    -------
+    list of float
+        One score per choice, in order; larger is more likely.
+
+    Raises
+    ------
+    ValueError
+        ``choices`` is empty or one of them has no token, or a bad ``mc_num`` /
+        ``batch_size`` / ``cfg_scale``.
+    TypeError
+        ``context`` or a choice is not a sequence of token ids.
+    """
+    if isinstance(choices, (str, bytes, Tensor)) or not isinstance(choices, Sequence):
+        raise TypeError(
+            "choices must be a list of token id sequences (tensors [L] or lists of ints), "
+            f"got {type(choices).__name__}"
+        )
+    if len(choices) == 0:
+        raise ValueError("choices must hold at least one choice, got an empty list")
+    ctx = _as_1d_ids(context, "context")
+    answers = [_as_1d_ids(c, f"choices[{i}]") for i, c in enumerate(choices)]
+    for i, a in enumerate(answers):
+        if a.numel() == 0:
+            raise ValueError(f"choices[{i}] is empty: every choice needs at least one token")
+    if generator is None:
+        seed = int(torch.randint(0, 2**62, ()))
+        generator = torch.Generator().manual_seed(seed)
+    elif not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    state = generator.get_state()
+    scores = []
+    for answer in answers:
+        generator.set_state(state)
+        ll = log_likelihood(
+            model,
+            ctx,
+            answer,
+            mc_num=mc_num,
+            batch_size=batch_size,
+            cfg_scale=cfg_scale,
+            mask_id=mask_id,
+            generator=generator,
+        )
+        scores.append(ll / answer.numel() if normalize else ll)
+    return scores

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import llada_ext as lx
-from llada_ext.likelihood import stratified_mask
+import llada_ext.likelihood
+from llada_ext.likelihood import score_choices, stratified_mask
 from llada_ext.model import LLaDAConfig, LLaDAModel
 
 CUDA = torch.cuda.is_available()
@@ -217,3 +218,137 @@ def test_cuda_bf16_close_to_reference():
     )
     ref = ref_log_likelihood(model.cpu().float(), prompt, answer, 8, 4, 0.0, 1)
     assert abs(est - ref) <= 0.03 * abs(ref) + 0.05, (est, ref)
+
+
+# --------------------------------------------------------------------------------------------
+# score_choices (multiple-choice ranking)
+# --------------------------------------------------------------------------------------------
+def fixed_logit_model(logits: list[float]) -> LLaDAModel:
+    """A model whose prediction at every masked position is exactly ``logits``.
+
+    The blocks' output projections are zeroed, so the residual stream is the token embedding
+    and a masked position's hidden state is ``ln_f(wte[mask])`` whatever the context; the LM
+    head is the rank-1 map sending that vector to ``logits``. The cross-entropy of a masked
+    token then depends on its value only, so log p(answer) = sum_i log_softmax(logits)[a_i]
+    exactly, for every masking draw."""
+    vocab = len(logits)
+    model = tiny_model(vocab=vocab, n_layers=1, seed=3)
+    with torch.no_grad():
+        for block in model.model.transformer.blocks:
+            block.attn_out.weight.zero_()
+            block.ff_out.weight.zero_()
+        h = model.forward_hidden(torch.tensor([[vocab - 1]]))[0, 0].float()
+        target = torch.tensor(logits, dtype=torch.float32)
+        model.lm_head.weight.copy_(target[:, None] * h[None, :] / (h @ h))
+        got = model(torch.tensor([[1, vocab - 1, 4]])).logits[0, 1]
+    assert torch.allclose(got, target, atol=1e-4)
+    return model
+
+
+def test_score_choices_equals_log_likelihood_per_choice():
+    model = tiny_model(vocab=23, n_layers=1)
+    g = torch.Generator().manual_seed(5)
+    context = torch.randint(0, 20, (4,), generator=g)
+    choices = [torch.randint(0, 20, (n,), generator=g) for n in (3, 5, 3)]
+    choices[1] = choices[1].tolist()  # lists of ints are fine too
+    kw = dict(mc_num=8, batch_size=4, cfg_scale=0.5)
+    scores = score_choices(
+        model, context, choices, generator=torch.Generator().manual_seed(7), **kw
+    )
+    expected = [
+        lx.log_likelihood(model, context, c, generator=torch.Generator().manual_seed(7), **kw)
+        for c in choices
+    ]
+    assert scores == expected
+    assert all(isinstance(s, float) for s in scores)
+    normed = score_choices(
+        model, context, choices, generator=torch.Generator().manual_seed(7), normalize=True, **kw
+    )
+    assert normed == pytest.approx([s / len(c) for s, c in zip(expected, choices)], rel=1e-12)
+
+
+def test_score_choices_common_random_numbers():
+    model = tiny_model(vocab=23, n_layers=1)
+    context, answer = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6, 7])
+    other = torch.tensor([9, 5, 6, 7])
+    for gen in (torch.Generator().manual_seed(0), None):
+        a, b, c = score_choices(
+            model, context, [answer, other, answer], mc_num=4, batch_size=4, generator=gen
+        )
+        assert a == c  # same draws for every choice; independent draws would differ
+        assert a != b
+    # the caller's generator moves on: the next call draws afresh
+    g = torch.Generator().manual_seed(0)
+    first = score_choices(model, context, [answer], mc_num=4, batch_size=4, generator=g)
+    second = score_choices(model, context, [answer], mc_num=4, batch_size=4, generator=g)
+    assert first != second
+
+
+def test_score_choices_ranks_the_preferred_answer_first():
+    # token 1 is the model's favourite, token 2 a close second, the rest unlikely
+    logits = [-2.0, 3.0, 2.6, 0.5, 0.0, -1.0] + [-3.0] * 6 + [0.0]  # last id is the mask
+    model = fixed_logit_model(logits)
+    logp = torch.log_softmax(torch.tensor(logits, dtype=torch.float64), 0)
+    context = torch.tensor([7, 8])
+    choices = [[3, 4, 5, 2], [3, 4, 5, 1], [7, 7, 7, 7], [1, 1, 1]]
+    exact = [float(logp[c].sum()) for c in choices]
+    assert exact[1] > exact[0]  # the choices differ only in their last token
+    wins = 0
+    for seed in range(8):
+        scores = score_choices(
+            model,
+            context,
+            choices,
+            mc_num=4,
+            batch_size=4,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        # with common draws the difference of choices 0 and 1 is L/l * (CE(2) - CE(1)) summed
+        # over the draws masking their last token, which the l = L row always does
+        assert scores[1] > scores[0] > scores[2], (seed, scores)
+        assert scores[3] == pytest.approx(exact[3], abs=1e-4)  # equal CEs: no MC noise
+        # independent draws for the two close choices (what the shared draws avoid)
+        a = lx.log_likelihood(
+            model,
+            context,
+            choices[0],
+            mc_num=4,
+            batch_size=4,
+            generator=torch.Generator().manual_seed(2 * seed),
+        )
+        b = lx.log_likelihood(
+            model,
+            context,
+            choices[1],
+            mc_num=4,
+            batch_size=4,
+            generator=torch.Generator().manual_seed(2 * seed + 1),
+        )
+        wins += b > a
+    assert wins < 8  # the test can tell shared draws from independent ones
+    # normalize: per-token scores; a short and a long run of the favourite score the same
+    short, long_ = score_choices(
+        model, context, [[1], [1, 1, 1]], mc_num=4, batch_size=4, normalize=True
+    )
+    assert short == pytest.approx(float(logp[1]), abs=1e-5)
+    assert long_ == pytest.approx(float(logp[1]), abs=1e-5)
+    s, lng = score_choices(model, context, [[1], [1, 1, 1]], mc_num=4, batch_size=4)
+    assert lng == pytest.approx(3 * s, rel=1e-5)
+
+
+def test_score_choices_validation():
+    model = tiny_model(vocab=23, n_layers=1)
+    ctx = torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="choices"):
+        score_choices(model, ctx, [])
+    with pytest.raises(ValueError, match=r"choices\[1\]"):
+        score_choices(model, ctx, [[1, 2], []])
+    with pytest.raises(TypeError, match="choices"):
+        score_choices(model, ctx, "abc")
+    with pytest.raises(TypeError, match=r"choices\[0\]"):
+        score_choices(model, ctx, ["abc"])
+    with pytest.raises(TypeError, match="context"):
+        score_choices(model, "abc", [[1]])
+    with pytest.raises(ValueError, match="multiple of batch_size"):
+        score_choices(model, ctx, [[1]], mc_num=6, batch_size=4)
+    assert "score_choices" in llada_ext.likelihood.__all__
