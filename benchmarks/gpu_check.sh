@@ -197,6 +197,9 @@ if [ $BUILD_OK -eq 1 ]; then
     fi
     run_stage "bench_$name" 100 "$PY" "$b" ${args[@]+"${args[@]}"}
   done
+  # sampler options (cache modes, threshold, factor) with the CUDA kernels, random weights
+  run_stage bench_sampler_speed 60 "$PY" benchmarks/sampler_speed.py --device cuda \
+    --untrained --repeats 2 --out "$RES"
   # benchmarks that write only to benchmarks/results: copy what this run produced
   find benchmarks/results -maxdepth 1 -type f -newer "$RES/.start" \
     -exec cp {} "$RES/" \; 2>/dev/null

@@ -215,3 +215,40 @@ def test_graphed_sampler_logic_matches_generate(bench_modules, cache):
     assert (expect[:, 9:] != 258).all()
     assert torch.equal(first, expect)
     assert torch.equal(again, expect)
+
+
+def test_sampler_speed_script_runs_and_checks_the_cache(tmp_path):
+    """benchmarks/sampler_speed.py end to end on random weights: every variant reports
+    finite figures, the exact sampler is its own baseline, and the cache refreshed at every
+    step agrees with it token for token."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "sampler_speed.py"),
+            "--untrained",
+            "--repeats",
+            "1",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "sampler_cpu_untrained.json").read_text())
+    rows = {r["name"]: r for r in result["variants"]}
+    assert rows["none, k=1"]["agreement"] == 1.0 and rows["none, k=1"]["speedup"] == 1.0
+    assert rows["prefix, refresh=1, k=1"]["agreement"] == 1.0
+    assert rows["none, 4 steps"]["steps"] == 4 and rows["dual, k=1"]["steps"] == 6
+    for r in rows.values():
+        assert math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0
+        assert 0.0 <= r["agreement"] <= 1.0 and 0.0 <= r["exact_match"] <= 1.0
+        assert 1 <= r["steps"] <= 6
+    assert "| variant |" in (tmp_path / "sampler_cpu_untrained.md").read_text()
