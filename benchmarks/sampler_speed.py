@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import llada_ext as lx  # noqa: E402
 from llada_ext.demo import load_demo_corpus  # noqa: E402
 from llada_ext.model import LLaDAConfig, LLaDAModel  # noqa: E402
+from llada_ext.sampling import left_pad  # noqa: E402
 from llada_ext.tokenizer import ByteTokenizer  # noqa: E402
 
 GEN_LENGTH = 6  # longest prompt (17) + 6 stays inside the demo's 24-token rows
@@ -91,13 +92,7 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[LLaDAMod
 def padded_prompts(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
     tok = ByteTokenizer()
     records = load_demo_corpus("test")
-    encoded = [tok.encode(r["prompt"]) for r in records]
-    width = max(len(e) for e in encoded)
-    ids = torch.full((len(encoded), width), tok.eos_token_id, dtype=torch.long)
-    mask = torch.zeros(len(encoded), width, dtype=torch.long)
-    for i, e in enumerate(encoded):
-        ids[i, width - len(e) :] = torch.tensor(e)
-        mask[i, width - len(e) :] = 1
+    ids, mask = left_pad([tok.encode(r["prompt"]) for r in records], tok.eos_token_id)
     return ids.to(device), mask.to(device), records
 
 

@@ -828,7 +828,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from .sampling import decode_answers, generate
+    from .sampling import decode_answers, generate, left_pad
     from .tokenizer import load_tokenizer
 
     _set_threads(args)
@@ -866,13 +866,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     for first in range(0, len(prompts), args.batch_size):
         group = encoded[first : first + args.batch_size]
-        width = max(len(ids) for ids in group)
         # left padding with EOS; the attention mask hides it from the model
-        x = torch.full((len(group), width), pad_id, dtype=torch.long)
-        real = torch.zeros((len(group), width), dtype=torch.long)
-        for r, ids in enumerate(group):
-            x[r, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            real[r, width - len(ids) :] = 1
+        x, real = left_pad(group, pad_id)
+        width = x.shape[1]
         kwargs = dict(options)
         if not bool(real.all()):
             kwargs["attention_mask"] = real.to(model.device)
@@ -919,7 +915,7 @@ def _steps_printer(
 def _cmd_loglik(args: argparse.Namespace) -> int:
     import torch
 
-    from .likelihood import log_likelihood
+    from .likelihood import score_choices
     from .tokenizer import load_tokenizer
 
     _set_threads(args)
@@ -934,31 +930,17 @@ def _cmd_loglik(args: argparse.Namespace) -> int:
                 "--answer is empty" if len(answers) == 1 else f"--answer number {i + 1} is empty"
             )
     gen = torch.Generator().manual_seed(args.seed)
-    if len(answers) == 1 and not args.normalize:
-        scores = [
-            log_likelihood(
-                model,
-                prompt.to(model.device),
-                answer_ids[0].to(model.device),
-                mc_num=args.mc_num,
-                batch_size=args.batch_size,
-                cfg_scale=args.cfg_scale,
-                generator=gen,
-            )
-        ]
-    else:
-        from .likelihood import score_choices
-
-        scores = score_choices(
-            model,
-            prompt.to(model.device),
-            [ids.to(model.device) for ids in answer_ids],
-            mc_num=args.mc_num,
-            batch_size=args.batch_size,
-            cfg_scale=args.cfg_scale,
-            generator=gen,
-            normalize=args.normalize,
-        )
+    # one answer: the same estimate log_likelihood gives with this generator
+    scores = score_choices(
+        model,
+        prompt.to(model.device),
+        [ids.to(model.device) for ids in answer_ids],
+        mc_num=args.mc_num,
+        batch_size=args.batch_size,
+        cfg_scale=args.cfg_scale,
+        generator=gen,
+        normalize=args.normalize,
+    )
     scores = [float(v) for v in scores]
     best = max(range(len(scores)), key=lambda i: scores[i])  # the first one on ties
     if args.json:

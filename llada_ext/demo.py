@@ -181,7 +181,7 @@ def evaluate_exact_match(
     tuple of (dict, list)
         Accuracy per task plus ``"all"``, and ``(prompt, expected, got)`` for every record.
     """
-    from .sampling import generate
+    from .sampling import generate, truncate_at_eos
     from .tokenizer import ByteTokenizer
 
     tok = ByteTokenizer()
@@ -197,9 +197,8 @@ def evaluate_exact_match(
             chunk = idx[s : s + batch_size]
             x = torch.tensor([encoded[i] for i in chunk], dtype=torch.long, device=model.device)
             out = generate(model, x, gen_length=gen_len, steps=gen_len, block_length=gen_len)
-            for i, row in zip(chunk, out[:, plen:].tolist()):
-                if tok.eos_token_id in row:
-                    row = row[: row.index(tok.eos_token_id)]
+            rows = truncate_at_eos(out, eos_id=tok.eos_token_id, prompt_length=plen)
+            for i, row in zip(chunk, rows):
                 answers[i] = tok.decode(row)
     hits: dict[str, list[bool]] = {}
     examples = []

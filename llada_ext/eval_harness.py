@@ -38,13 +38,14 @@ The semantics follow the public LLaDA ``eval_llada.py``:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from llada_ext.likelihood import log_likelihood
+from llada_ext.sampling.core import _finite_float, _positive_int, check_schedule, left_pad
+from llada_ext.sampling.decode import truncate_at_eos
 
 __all__ = ["LLaDAEvalAdapter", "register", "lm_eval_available"]
 
@@ -62,12 +63,6 @@ else:
 def lm_eval_available() -> bool:
     """True if ``lm_eval`` could be imported (and ``LLaDAHarnessLM`` exists)."""
     return _LM is not None
-
-
-def _check_positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 class LLaDAEvalAdapter:
@@ -142,35 +137,19 @@ class LLaDAEvalAdapter:
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.mc_num = _check_positive_int(mc_num, "mc_num")
-        self.batch_size = _check_positive_int(batch_size, "batch_size")
+        self.mc_num = _positive_int(mc_num, "mc_num")
+        self.batch_size = _positive_int(batch_size, "batch_size")
         if mc_num % batch_size != 0:
             raise ValueError(f"mc_num ({mc_num}) must be a multiple of batch_size ({batch_size})")
-        if (
-            isinstance(cfg_scale, bool)
-            or not isinstance(cfg_scale, (int, float))
-            or not 0 <= cfg_scale < math.inf
-        ):
-            raise ValueError(f"cfg_scale must be a finite float >= 0, got {cfg_scale!r}")
-        self.cfg_scale = float(cfg_scale)
+        self.cfg_scale = _finite_float(cfg_scale, "cfg_scale", minimum=0.0)
         self.check_greedy = bool(check_greedy)
-        self.gen_length = _check_positive_int(gen_length, "gen_length")
-        self.steps = _check_positive_int(steps, "steps")
-        self.block_length = _check_positive_int(block_length, "block_length")
-        if gen_length % block_length != 0:
-            raise ValueError(
-                f"gen_length ({gen_length}) must be a multiple of block_length ({block_length})"
-            )
-        if steps % (gen_length // block_length) != 0:
-            raise ValueError(
-                f"steps ({steps}) must be a multiple of the number of blocks "
-                f"gen_length // block_length = {gen_length // block_length}"
-            )
+        self.steps_per_block = check_schedule(gen_length, steps, block_length)
+        self.gen_length, self.steps, self.block_length = gen_length, steps, block_length
         if not isinstance(remasking, str):
             raise ValueError(f"remasking must be a strategy name, got {remasking!r}")
         self.remasking = remasking  # checked by generate()
         self.chat = bool(chat)
-        self.generate_batch_size = _check_positive_int(generate_batch_size, "generate_batch_size")
+        self.generate_batch_size = _positive_int(generate_batch_size, "generate_batch_size")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
         self.seed = seed
@@ -183,11 +162,26 @@ class LLaDAEvalAdapter:
             raise ValueError("tokenizer must have an eos_token_id (used for padding and stops)")
         self.eos_id = int(eos)
         eot = getattr(tokenizer, "eot_token_id", None)
-        self.stop_ids = {self.eos_id} | ({int(eot)} if eot is not None else set())
+        self.eot_id = None if eot is None else int(eot)
         bos = getattr(tokenizer, "bos_token_id", None)
         self.empty_context_id = self.eos_id if bos is None else int(bos)
 
     # -- helpers -----------------------------------------------------------------------------
+    def _loglik(self, prompt: list[int], answer: list[int]) -> float:
+        """Alg. 3 estimate of ``log p(answer | prompt)`` with this adapter's settings."""
+        return float(
+            log_likelihood(
+                self.model,
+                torch.tensor(prompt, dtype=torch.int64),
+                torch.tensor(answer, dtype=torch.int64),
+                mc_num=self.mc_num,
+                batch_size=self.batch_size,
+                cfg_scale=self.cfg_scale,
+                mask_id=self.mask_id,
+                generator=self._generator(),
+            )
+        )
+
     def _generator(self) -> torch.Generator | None:
         return None if self.seed is None else torch.Generator().manual_seed(self.seed)
 
@@ -275,18 +269,9 @@ class LLaDAEvalAdapter:
                 out.append((0.0, True))
                 bar.update(1)
                 continue
-            ll = log_likelihood(
-                self.model,
-                torch.tensor(ctx_ids, dtype=torch.int64),
-                torch.tensor(cont_ids, dtype=torch.int64),
-                mc_num=self.mc_num,
-                batch_size=self.batch_size,
-                cfg_scale=self.cfg_scale,
-                mask_id=self.mask_id,
-                generator=self._generator(),
-            )
+            ll = self._loglik(ctx_ids, cont_ids)
             greedy = self._is_greedy(ctx_ids, cont_ids) if self.check_greedy else False
-            out.append((float(ll), bool(greedy)))
+            out.append((ll, bool(greedy)))
             bar.update(1)
         bar.close()
         return out
@@ -319,17 +304,7 @@ class LLaDAEvalAdapter:
             if not ids:
                 out.append(0.0)
                 continue
-            ll = log_likelihood(
-                self.model,
-                torch.tensor(prefix, dtype=torch.int64),
-                torch.tensor(ids, dtype=torch.int64),
-                mc_num=self.mc_num,
-                batch_size=self.batch_size,
-                cfg_scale=self.cfg_scale,
-                mask_id=self.mask_id,
-                generator=self._generator(),
-            )
-            out.append(float(ll))
+            out.append(self._loglik(prefix, ids))
         bar.close()
         return out
 
@@ -358,8 +333,7 @@ class LLaDAEvalAdapter:
         if max_toks <= 0:
             raise ValueError(f"max_gen_toks must be positive, got {max_toks}")
         num_blocks = -(-max_toks // self.block_length)
-        steps_per_block = self.steps // (self.gen_length // self.block_length)
-        return num_blocks * self.block_length, num_blocks * steps_per_block, self.block_length
+        return num_blocks * self.block_length, num_blocks * self.steps_per_block, self.block_length
 
     def _prompt_ids(self, context: str) -> list[int]:
         if self.chat:
@@ -367,10 +341,7 @@ class LLaDAEvalAdapter:
         return self._encode(context) or [self.empty_context_id]
 
     def _postprocess(self, answer_ids: list[int], until: list[str]) -> str:
-        for i, t in enumerate(answer_ids):
-            if t in self.stop_ids:
-                answer_ids = answer_ids[:i]
-                break
+        (answer_ids,) = truncate_at_eos([answer_ids], eos_id=self.eos_id, eot_id=self.eot_id)
         text = self.tokenizer.decode(answer_ids, skip_special_tokens=True)
         cut = min((text.find(s) for s in until if s and s in text), default=len(text))
         return text[:cut]
@@ -416,13 +387,8 @@ class LLaDAEvalAdapter:
             group.sort(key=lambda job: -len(job[1]))
             for start in range(0, len(group), self.generate_batch_size):
                 chunk = group[start : start + self.generate_batch_size]
-                plen = max(len(job[1]) for job in chunk)
-                ids = torch.full((len(chunk), plen), self.eos_id, dtype=torch.int64)
-                attn = torch.zeros((len(chunk), plen), dtype=torch.int64)
-                for row, (_, prompt, _) in enumerate(chunk):
-                    if prompt:
-                        ids[row, plen - len(prompt) :] = torch.tensor(prompt)
-                        attn[row, plen - len(prompt) :] = 1
+                ids, attn = left_pad([job[1] for job in chunk], self.eos_id)
+                plen = ids.shape[1]
                 seqs = generate(
                     self.model,
                     ids.to(device),

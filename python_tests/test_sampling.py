@@ -924,3 +924,16 @@ def test_cuda_graphs_equal_eager(cache):
             )
             assert torch.equal(got, eager), extra
     assert len(graphs.graphs) > 0
+
+
+def test_left_pad_right_aligns_prompts_for_generate():
+    model = tiny_model()
+    prompts = [[5, 6, 7], [8], [9, 10]]
+    ids, mask = lx.sampling.left_pad(prompts, pad_id=59)
+    assert ids.tolist() == [[5, 6, 7], [59, 59, 8], [59, 9, 10]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+    kw = dict(gen_length=4, steps=4, block_length=2)
+    out = lx.generate(model, ids, attention_mask=mask, **kw)
+    for r, p in enumerate(prompts):
+        alone = lx.generate(model, torch.tensor([p]), **kw)
+        assert torch.equal(out[r : r + 1, 3 - len(p) :], alone)

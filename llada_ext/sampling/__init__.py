@@ -5,7 +5,14 @@
 :func:`truncate_at_eos` turn its output into answers.
 """
 
-from .core import CACHE_MODES, REMASKING, generate, get_num_transfer_tokens
+from .core import (
+    CACHE_MODES,
+    REMASKING,
+    check_schedule,
+    generate,
+    get_num_transfer_tokens,
+    left_pad,
+)
 from .decode import decode_answers, render_canvas, truncate_at_eos
 from .graphs import SamplerGraphs
 from .select import factor_count, select_transfer
@@ -14,10 +21,12 @@ __all__ = [
     "CACHE_MODES",
     "REMASKING",
     "SamplerGraphs",
+    "check_schedule",
     "decode_answers",
     "factor_count",
     "generate",
     "get_num_transfer_tokens",
+    "left_pad",
     "render_canvas",
     "select_transfer",
     "truncate_at_eos",

@@ -62,7 +62,7 @@ per block), the early block exit of ``threshold`` / ``factor`` (once per step) a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -71,7 +71,7 @@ from torch import Tensor
 from .graphs import SamplerGraphs
 from .select import DEMOTED, select_transfer
 
-__all__ = ["generate", "get_num_transfer_tokens"]
+__all__ = ["check_schedule", "generate", "get_num_transfer_tokens", "left_pad"]
 
 REMASKING = ("low_confidence", "random", "margin", "entropy")
 CACHE_MODES = ("none", "prefix", "dual")
@@ -144,13 +144,68 @@ def _finite_float(value: object, name: str, *, minimum: float | None = None) -> 
 
 def _config_id(config: object, attr: str, given: int | None, name: str, why: str) -> int:
     if given is not None:
-        if isinstance(given, bool) or not isinstance(given, int):
-            raise TypeError(f"{name} must be an int, got {type(given).__name__}")
-        return given
+        return given  # type and range are checked with the other ids
     value = getattr(config, attr, None) if config is not None else None
     if value is None:
         raise ValueError(f"{name} is required for {why} (the model config has no {attr})")
     return int(value)
+
+
+def check_schedule(gen_length: object, steps: object, block_length: object) -> int:
+    """Check the block layout of a generation; return the steps per block.
+
+    Parameters
+    ----------
+    gen_length, steps, block_length : int
+        As for :func:`generate`: positive, ``block_length`` divides ``gen_length`` and the
+        number of blocks divides ``steps``.
+
+    Returns
+    -------
+    int
+        ``steps // (gen_length // block_length)``.
+    """
+    gen_length = _positive_int(gen_length, "gen_length")
+    steps = _positive_int(steps, "steps")
+    block_length = _positive_int(block_length, "block_length")
+    if gen_length % block_length != 0:
+        raise ValueError(
+            f"gen_length ({gen_length}) must be a multiple of block_length ({block_length})"
+        )
+    num_blocks = gen_length // block_length
+    if steps % num_blocks != 0:
+        raise ValueError(
+            f"steps ({steps}) must be a multiple of the number of blocks "
+            f"gen_length // block_length = {num_blocks}"
+        )
+    return steps // num_blocks
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Batch prompts of different lengths the way :func:`generate` expects them.
+
+    Parameters
+    ----------
+    prompts : sequence of sequences of int
+        Token ids, one prompt per row.
+    pad_id : int
+        Id written into the padding (never attended; EOS is the usual choice).
+
+    Returns
+    -------
+    ids : Tensor
+        int64 [B, P], each prompt right-aligned, ``P`` the longest prompt.
+    attention_mask : Tensor
+        int64 [B, P], 1 on real tokens, 0 on padding.
+    """
+    width = max((len(p) for p in prompts), default=0)
+    ids = torch.full((len(prompts), width), int(pad_id), dtype=torch.int64)
+    mask = torch.zeros((len(prompts), width), dtype=torch.int64)
+    for row, prompt in enumerate(prompts):
+        if len(prompt):
+            ids[row, width - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.int64)
+            mask[row, width - len(prompt) :] = 1
+    return ids, mask
 
 
 # ------------------------------------------------------------------------------------------
@@ -409,20 +464,8 @@ def generate(
     device = torch.device(device)
     prompt = _as_2d_ids(prompt_ids, "prompt_ids", device)
     batch, plen = prompt.shape
-    gen_length = _positive_int(gen_length, "gen_length")
-    steps = _positive_int(steps, "steps")
-    block_length = _positive_int(block_length, "block_length")
-    if gen_length % block_length != 0:
-        raise ValueError(
-            f"gen_length ({gen_length}) must be a multiple of block_length ({block_length})"
-        )
+    steps_per_block = check_schedule(gen_length, steps, block_length)
     num_blocks = gen_length // block_length
-    if steps % num_blocks != 0:
-        raise ValueError(
-            f"steps ({steps}) must be a multiple of the number of blocks "
-            f"gen_length // block_length = {num_blocks}"
-        )
-    steps_per_block = steps // num_blocks
     if remasking not in REMASKING:
         raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
     if cache not in CACHE_MODES:
@@ -469,8 +512,9 @@ def generate(
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if value < 0 or (vocab is not None and value >= vocab):
             raise ValueError(f"{name} must be a token id in [0, {vocab}), got {value}")
-    if bool((prompt == mask_id).any()):
-        rows = sorted({int(r) for r in (prompt == mask_id).nonzero()[:, 0].tolist()})
+    in_prompt = prompt == mask_id
+    if bool(in_prompt.any()):
+        rows = sorted({int(r) for r in in_prompt.nonzero()[:, 0].tolist()})
         raise ValueError(
             f"prompt_ids contains mask_id {mask_id} (rows {rows}); the prompt must be given "
             f"tokens only (pad with another id, e.g. EOS, and set attention_mask)"
@@ -502,9 +546,7 @@ def generate(
     if isinstance(cuda_graphs, SamplerGraphs):
         runner = cuda_graphs
     elif isinstance(cuda_graphs, bool):
-        if cuda_graphs and device.type != "cuda":
-            raise ValueError(f"cuda_graphs needs the model on a CUDA device, it is on {device}")
-        runner = SamplerGraphs(capture=cuda_graphs)
+        runner = SamplerGraphs(capture=cuda_graphs)  # prepare() refuses capture off CUDA
     else:
         raise TypeError(
             f"cuda_graphs must be a bool or a SamplerGraphs, got {type(cuda_graphs).__name__}"

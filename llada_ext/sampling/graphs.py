@@ -90,7 +90,7 @@ class SamplerGraphs:
             return
         self.release()
         if self.capture and device.type != "cuda":
-            raise ValueError("cuda_graphs needs the model on a CUDA device")
+            raise ValueError(f"cuda_graphs needs the model on a CUDA device, it is on {device}")
         for name, (shape, dtype) in shapes.items():
             self.static[name] = torch.zeros(shape, dtype=dtype, device=device)
         self.key = key
