@@ -49,10 +49,10 @@ class CMakeBuild(build_ext):
         subprocess.check_call(["cmake", "--build", str(build_dir), "-j", jobs])
         # _C links to the kernel library next to it (RPATH $ORIGIN). setuptools copies only
         # the extension module into the source tree of an editable install, so the library
-        # (and its soname links) follow it here.
+        # (and its soname links) and the executor module _C_emu follow it here.
         pkg_dir = ROOT / "llada_ext"
         if getattr(self, "editable_mode", False) and out_dir != pkg_dir:
-            for lib in out_dir.glob("libllada_kernels.so*"):
+            for lib in [*out_dir.glob("libllada_kernels.so*"), *out_dir.glob("_C_emu*.so")]:
                 dst = pkg_dir / lib.name
                 if dst.is_symlink() or dst.exists():
                     dst.unlink()

@@ -13,6 +13,9 @@
 #ifdef LLADA_WITH_CUDA
 #include <cuda_runtime.h>
 #endif
+#if defined(LLADA_EMU)
+#include "emu/emu.h"
+#endif
 
 namespace llada {
 
@@ -49,6 +52,52 @@ bool is_float16ish(int32_t dt) {
   return dt == LLADA_FLOAT16 || dt == LLADA_BFLOAT16;
 }
 
+// The CPU executor build (LLADA_EMU, csrc/emu) runs the CUDA kernels on host memory and checks
+// every global access of a kernel against the tensors of the C call that launched it: each
+// validated tensor is noted with its byte extent. CallScope clears the notes when a public
+// entry point starts (entry points that call each other keep them).
+#if defined(LLADA_EMU)
+size_t dtype_size(int32_t dt) {
+  switch (dt) {
+    case LLADA_FLOAT16:
+    case LLADA_BFLOAT16: return 2;
+    case LLADA_FLOAT32:
+    case LLADA_INT32: return 4;
+    case LLADA_FLOAT64:
+    case LLADA_INT64: return 8;
+    default: return 1;
+  }
+}
+
+void note_extent(const llada_tensor* t, const char* name) {
+  int64_t lo = 0, hi = 0;
+  for (int i = 0; i < t->ndim; ++i) {
+    if (t->shape[i] == 0) return;
+    const int64_t span = (t->shape[i] - 1) * t->strides[i];
+    (span < 0 ? lo : hi) += span;
+  }
+  const int64_t es = static_cast<int64_t>(dtype_size(t->dtype));
+  emu::note_global(static_cast<const char*>(t->data) + lo * es,
+                   static_cast<size_t>((hi - lo + 1) * es), name);
+}
+
+struct CallScope {
+  static int& depth() {
+    static thread_local int d = 0;
+    return d;
+  }
+  CallScope() {
+    if (depth()++ == 0) emu::begin_call();
+  }
+  ~CallScope() { --depth(); }
+};
+#define LLADA_CALL_SCOPE() CallScope call_scope_
+#else
+#define LLADA_CALL_SCOPE() \
+  do {                     \
+  } while (0)
+#endif
+
 // Structural checks shared by every tensor argument.
 llada_status check_view(const llada_tensor* t, const char* name, int ndim) {
   if (t == nullptr) return set_error(LLADA_ERROR_INVALID_ARGUMENT, "%s: null tensor pointer", name);
@@ -69,6 +118,9 @@ llada_status check_view(const llada_tensor* t, const char* name, int ndim) {
   }
   if (numel > 0 && t->data == nullptr)
     return set_error(LLADA_ERROR_INVALID_ARGUMENT, "%s: null data pointer", name);
+#if defined(LLADA_EMU)
+  note_extent(t, name);
+#endif
   return LLADA_OK;
 }
 
@@ -160,7 +212,16 @@ struct DeviceGuard {
 
 template <typename Params, typename CpuFn, typename CudaFn>
 llada_status dispatch(const llada_tensor* any, const Params& p, CpuFn cpu_fn, CudaFn cuda_fn) {
+#if defined(LLADA_EMU)
+  (void)cpu_fn;
+  if (any->device_type == LLADA_CPU) {
+    return set_error(LLADA_ERROR_NOT_COMPILED,
+                     "this build runs the CUDA kernels on the CPU executor: pass tensors whose "
+                     "device_type is CUDA (their memory is host memory)");
+  }
+#else
   if (any->device_type == LLADA_CPU) return cpu_fn(p);
+#endif
 #ifdef LLADA_WITH_CUDA
   DeviceGuard guard(any->device_id);
   if (guard.status != LLADA_OK) return guard.status;
@@ -323,6 +384,7 @@ const char* llada_status_string(llada_status status) {
 llada_status llada_attention_fwd(const llada_tensor* q, const llada_tensor* k,
                                  const llada_tensor* v, const llada_tensor* key_padding_mask,
                                  float scale, llada_tensor* out, llada_tensor* lse, void* stream) {
+  LLADA_CALL_SCOPE();
   g_last_error.clear();
   AttnFwdParams p;
   LLADA_TRY(check_attention_inputs(q, k, v, key_padding_mask, scale, &p));
@@ -348,6 +410,7 @@ llada_status llada_attention_fwd(const llada_tensor* q, const llada_tensor* k,
 
 llada_status llada_attention_bwd_workspace_size(const llada_tensor* q, const llada_tensor* k,
                                                 size_t* bytes) {
+  LLADA_CALL_SCOPE();
   g_last_error.clear();
   if (bytes == nullptr) return set_error(LLADA_ERROR_INVALID_ARGUMENT, "bytes: null pointer");
   LLADA_TRY(check_view(q, "q", 4));
@@ -368,6 +431,7 @@ llada_status llada_attention_bwd(const llada_tensor* q, const llada_tensor* k,
                                  const llada_tensor* lse, float scale, llada_tensor* dq,
                                  llada_tensor* dk, llada_tensor* dv, void* workspace,
                                  size_t workspace_bytes, void* stream) {
+  LLADA_CALL_SCOPE();
   g_last_error.clear();
   AttnBwdParams p{};
   LLADA_TRY(check_attention_inputs(q, k, v, key_padding_mask, scale, &p.fwd));
@@ -405,6 +469,9 @@ llada_status llada_attention_bwd(const llada_tensor* q, const llada_tensor* k,
   p.dv_st = bsh(dv);
   p.workspace = workspace;
   p.workspace_bytes = workspace_bytes;
+#if defined(LLADA_EMU)
+  emu::note_global(workspace, workspace_bytes, "workspace");
+#endif
   return dispatch(q, p, cpu::attention_bwd, [](const AttnBwdParams& pp) {
 #ifdef LLADA_WITH_CUDA
     return cuda::attention_bwd(pp);
@@ -417,6 +484,7 @@ llada_status llada_attention_bwd(const llada_tensor* q, const llada_tensor* k,
 llada_status llada_masked_ce_fwd(const llada_tensor* logits, const llada_tensor* targets,
                                  const llada_tensor* weights, llada_tensor* loss, llada_tensor* lse,
                                  void* stream) {
+  LLADA_CALL_SCOPE();
   g_last_error.clear();
   CEParams p;
   LLADA_TRY(check_ce_inputs(logits, targets, weights, &p));
@@ -443,6 +511,7 @@ llada_status llada_masked_ce_bwd(const llada_tensor* logits, const llada_tensor*
                                  const llada_tensor* weights, const llada_tensor* lse,
                                  const llada_tensor* grad_loss, llada_tensor* grad_logits,
                                  void* stream) {
+  LLADA_CALL_SCOPE();
   g_last_error.clear();
   CEParams p;
   LLADA_TRY(check_ce_inputs(logits, targets, weights, &p));
@@ -472,6 +541,7 @@ llada_status llada_masked_ce_bwd(const llada_tensor* logits, const llada_tensor*
 
 llada_status llada_remask_workspace_size(const llada_tensor* logits, const llada_tensor* x,
                                          size_t* bytes) {
+  LLADA_CALL_SCOPE();
   g_last_error.clear();
   if (bytes == nullptr) return set_error(LLADA_ERROR_INVALID_ARGUMENT, "bytes: null pointer");
   LLADA_TRY(check_view(logits, "logits", 3));
@@ -490,6 +560,7 @@ llada_status llada_remask(const llada_tensor* logits, const llada_tensor* uncond
                           const llada_remask_params* params, llada_tensor* x_out, llada_tensor* x0,
                           llada_tensor* confidence, void* workspace, size_t workspace_bytes,
                           void* stream) {
+  LLADA_CALL_SCOPE();
   g_last_error.clear();
   if (params == nullptr) return set_error(LLADA_ERROR_INVALID_ARGUMENT, "params: null pointer");
   LLADA_TRY(check_view(logits, "logits", 3));
@@ -575,6 +646,9 @@ llada_status llada_remask(const llada_tensor* logits, const llada_tensor* uncond
   p.p = rp;
   p.workspace = workspace;
   p.workspace_bytes = workspace_bytes;
+#if defined(LLADA_EMU)
+  emu::note_global(workspace, workspace_bytes, "workspace");
+#endif
   p.stream = stream;
   if (B == 0) return LLADA_OK;
   return dispatch(logits, p, cpu::remask, [](const RemaskParams& pp) {

@@ -82,7 +82,8 @@ llada_status bwd_for_dtype(const AttnBwdParams& p, float* ws_dq, float* ws_delta
   const unsigned row_blocks = static_cast<unsigned>(
       std::min<int64_t>((rows + kRowsPerBlock - 1) / kRowsPerBlock, kMaxRowBlocks));
   if (rows > 0) {
-    attention_bwd_preprocess_kernel<T><<<row_blocks, kRowThreads, 0, stream>>>(p, ws_dq, ws_delta);
+    launch_kernel("attention_bwd_preprocess_kernel", attention_bwd_preprocess_kernel<T>, row_blocks,
+                  kRowThreads, 0, stream, p, ws_dq, ws_delta);
     const llada_status st = check_launch("attention_bwd (preprocess)");
     if (st != LLADA_OK) return st;
   }
@@ -98,7 +99,8 @@ llada_status bwd_for_dtype(const AttnBwdParams& p, float* ws_dq, float* ws_delta
     if (st != LLADA_OK) return st;
   }
   if (rows > 0) {
-    attention_bwd_convert_dq_kernel<T><<<row_blocks, kRowThreads, 0, stream>>>(p, ws_dq);
+    launch_kernel("attention_bwd_convert_dq_kernel", attention_bwd_convert_dq_kernel<T>, row_blocks,
+                  kRowThreads, 0, stream, p, ws_dq);
     return check_launch("attention_bwd (dq convert)");
   }
   return LLADA_OK;

@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kWarps * 32)
   static_assert(kDWT % 2 == 0 && kQD % 32 == 0 && kQSplit * kQMT == kWarps, "bad bwd config");
 
   const AttnFwdParams& f = p.fwd;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  LLADA_DYNAMIC_SHARED(__align__(16) unsigned char, smem_raw);
   T* sQ = reinterpret_cast<T*>(smem_raw);                           // [kBlockM][kPitch]
   T* sdO = sQ + kBlockM * kPitch;                                   // [kBlockM][kPitch]
   T* sK = sdO + kBlockM * kPitch;                                   // [kBlockN][kPitch]
@@ -344,7 +344,8 @@ llada_status run_attention_bwd(const AttnBwdParams& p, float* ws_dq, float* ws_d
                     (rows_aligned16(p.dk, p.dk_st) && rows_aligned16(p.dv, p.dv_st) ? 2 : 0);
   const dim3 grid(static_cast<unsigned>((f.Sk + C::kBlockN - 1) / C::kBlockN),
                   static_cast<unsigned>(f.Hkv), static_cast<unsigned>(f.B));
-  kernel<<<grid, C::kWarps * 32, smem, as_stream(f.stream)>>>(p, ws_dq, ws_delta, flags);
+  launch_kernel("attention_bwd_kernel", kernel, grid, C::kWarps * 32, smem, as_stream(f.stream), p,
+                ws_dq, ws_delta, flags);
   return check_launch("attention_bwd");
 }
 

@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32)
   static_assert(kMT >= 1 && kBlockM == kMT * 16 * C::kWarps, "bad forward tile config");
   static_assert(kBlockN % 16 == 0 && kD % 16 == 0, "tiles must be multiples of 16");
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  LLADA_DYNAMIC_SHARED(__align__(16) unsigned char, smem_raw);
   T* sQ = reinterpret_cast<T*>(smem_raw);  // [kBlockM][kPitch]
   T* sK = sQ + kBlockM * kPitch;           // [2][kBlockN][kPitch]
   T* sV = sK + 2 * kBlockN * kPitch;       // [2][kBlockN][kPitch]
@@ -301,7 +301,8 @@ llada_status run_attention_fwd(const AttnFwdParams& p) {
       (rows_aligned16(p.out, p.out_st) ? 2 : 0);
   const dim3 grid(static_cast<unsigned>((p.Sq + C::kBlockM - 1) / C::kBlockM),
                   static_cast<unsigned>(p.Hq), static_cast<unsigned>(p.B));
-  kernel<<<grid, C::kWarps * 32, smem, as_stream(p.stream)>>>(p, flags);
+  launch_kernel("attention_fwd_kernel", kernel, grid, C::kWarps * 32, smem, as_stream(p.stream), p,
+                flags);
   return check_launch("attention_fwd");
 }
 

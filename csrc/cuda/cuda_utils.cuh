@@ -8,6 +8,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <utility>
+
 #include "common/params.h"
 
 namespace llada {
@@ -29,6 +31,31 @@ inline llada_status check_launch(const char* what) {
 inline cudaStream_t as_stream(void* s) {
   return static_cast<cudaStream_t>(s);
 }
+
+// One launch helper for both compilers: <<<>>> under nvcc; under the host compiler
+// (LLADA_EMU) the CPU executor of csrc/emu runs the grid, with `name` in its reports.
+template <typename... P, typename... A>
+inline void launch_kernel(const char* name, void (*kernel)(P...), dim3 grid, dim3 block,
+                          size_t smem, cudaStream_t stream, A&&... args) {
+#if defined(LLADA_EMU)
+  ::llada::emu::launch(name, kernel, grid, block, smem, stream, std::forward<A>(args)...);
+#else
+  (void)name;
+  kernel<<<grid, block, smem, stream>>>(std::forward<A>(args)...);
+#endif
+}
+
+// Shared-memory declarations, which the executor allocates per block.
+#if defined(LLADA_EMU)
+#define LLADA_SHARED_ARRAY(T, name, n)                                                       \
+  T* name = static_cast<T*>(::llada::emu::static_shared(sizeof(T) * (n), alignof(T), __FILE__, \
+                                                        __LINE__))
+#define LLADA_DYNAMIC_SHARED(T, name) \
+  T* name = reinterpret_cast<decltype(name)>(::llada::emu::dynamic_shared())
+#else
+#define LLADA_SHARED_ARRAY(T, name, n) __shared__ T name[n]
+#define LLADA_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
 
 // Largest grid.x we ever launch; kernels grid-stride over rows beyond it.
 constexpr int64_t kMaxGridX = 2147483647;

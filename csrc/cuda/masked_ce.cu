@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(kCEThreads)
                          const float* __restrict__ weights, int64_t weights_s,
                          float* __restrict__ loss, int64_t loss_s, float* __restrict__ lse_out,
                          int64_t lse_s, int64_t N, int64_t V) {
-  __shared__ OnlineSoftmax smem[kCEThreads / kWarpSize + 1];
+  LLADA_SHARED_ARRAY(OnlineSoftmax, smem, kCEThreads / kWarpSize + 1);
   constexpr int kN = DType<T>::kVec;
 
   for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
@@ -209,15 +209,12 @@ llada_status launch_fwd(const CEParams& p) {
   const T* logits = static_cast<const T*>(p.logits);
   const dim3 grid(grid_for_rows(p.N));
   cudaStream_t s = as_stream(p.stream);
-  if (rows_vectorizable<T>(p.logits, p.logits_rs, p.V)) {
-    masked_ce_fwd_kernel<T, true>
-        <<<grid, kCEThreads, 0, s>>>(logits, p.logits_rs, p.targets, p.targets_s, p.weights,
-                                     p.weights_s, p.loss, p.loss_s, p.lse, p.lse_s, p.N, p.V);
-  } else {
-    masked_ce_fwd_kernel<T, false>
-        <<<grid, kCEThreads, 0, s>>>(logits, p.logits_rs, p.targets, p.targets_s, p.weights,
-                                     p.weights_s, p.loss, p.loss_s, p.lse, p.lse_s, p.N, p.V);
-  }
+  // One kernel per layout: 16-byte vectors when every row allows them.
+  auto kernel = rows_vectorizable<T>(p.logits, p.logits_rs, p.V) ? masked_ce_fwd_kernel<T, true>
+                                                                  : masked_ce_fwd_kernel<T, false>;
+  launch_kernel("masked_ce_fwd_kernel", kernel, grid, kCEThreads, 0, s, logits, p.logits_rs,
+                p.targets, p.targets_s, p.weights, p.weights_s, p.loss, p.loss_s, p.lse, p.lse_s,
+                p.N, p.V);
   return check_launch("masked_ce_fwd");
 }
 
@@ -227,16 +224,13 @@ llada_status launch_bwd(const CEParams& p) {
   T* grad = static_cast<T*>(p.grad_logits);
   const dim3 grid(grid_for_rows(p.N));
   cudaStream_t s = as_stream(p.stream);
-  if (rows_vectorizable<T>(p.logits, p.logits_rs, p.V) &&
-      rows_vectorizable<T>(p.grad_logits, p.grad_logits_rs, p.V)) {
-    masked_ce_bwd_kernel<T, true><<<grid, kCEThreads, 0, s>>>(
-        logits, p.logits_rs, p.targets, p.targets_s, p.weights, p.weights_s, p.lse, p.lse_s,
-        p.grad_loss, p.grad_loss_s, grad, p.grad_logits_rs, p.N, p.V);
-  } else {
-    masked_ce_bwd_kernel<T, false><<<grid, kCEThreads, 0, s>>>(
-        logits, p.logits_rs, p.targets, p.targets_s, p.weights, p.weights_s, p.lse, p.lse_s,
-        p.grad_loss, p.grad_loss_s, grad, p.grad_logits_rs, p.N, p.V);
-  }
+  auto kernel = rows_vectorizable<T>(p.logits, p.logits_rs, p.V) &&
+                        rows_vectorizable<T>(p.grad_logits, p.grad_logits_rs, p.V)
+                    ? masked_ce_bwd_kernel<T, true>
+                    : masked_ce_bwd_kernel<T, false>;
+  launch_kernel("masked_ce_bwd_kernel", kernel, grid, kCEThreads, 0, s, logits, p.logits_rs,
+                p.targets, p.targets_s, p.weights, p.weights_s, p.lse, p.lse_s, p.grad_loss,
+                p.grad_loss_s, grad, p.grad_logits_rs, p.N, p.V);
   return check_launch("masked_ce_bwd");
 }
 

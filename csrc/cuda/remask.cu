@@ -47,7 +47,7 @@ struct MergeRow {
 
 template <typename T, bool kVec, bool kCFG, bool kGumbel>
 __global__ void __launch_bounds__(kRowThreads) remask_rows_kernel(RemaskParams p) {
-  __shared__ RemaskRowState smem[kRowThreads / kWarpSize + 1];
+  LLADA_SHARED_ARRAY(RemaskRowState, smem, kRowThreads / kWarpSize + 1);
   constexpr int kN = DType<T>::kVec;
   const T* logits = static_cast<const T*>(p.logits);
   const T* uncond = static_cast<const T*>(p.uncond);
@@ -155,7 +155,7 @@ __device__ __forceinline__ uint32_t orderable(float f) {
 // position first) and its rank is the number of keys above it; non-candidates get key 0,
 // below every candidate's, so they never count. O(W^2 / threads) shared-memory broadcasts.
 __global__ void __launch_bounds__(kSelectThreads) remask_select_kernel(RemaskParams p) {
-  extern __shared__ unsigned long long keys[];
+  LLADA_DYNAMIC_SHARED(unsigned long long, keys);
   const int64_t W = p.W;
   for (int64_t b = blockIdx.x; b < p.B; b += gridDim.x) {
     const int64_t* x = p.x + b * p.x_sb;
@@ -195,9 +195,11 @@ __global__ void __launch_bounds__(kSelectThreads) remask_select_kernel(RemaskPar
 template <typename T, bool kVec, bool kCFG>
 void launch_rows_gumbel(const RemaskParams& p, dim3 grid, cudaStream_t s) {
   if (p.p.temperature > 0.f) {
-    remask_rows_kernel<T, kVec, kCFG, true><<<grid, kRowThreads, 0, s>>>(p);
+    launch_kernel("remask_rows_kernel", remask_rows_kernel<T, kVec, kCFG, true>, grid, kRowThreads,
+                  0, s, p);
   } else {
-    remask_rows_kernel<T, kVec, kCFG, false><<<grid, kRowThreads, 0, s>>>(p);
+    launch_kernel("remask_rows_kernel", remask_rows_kernel<T, kVec, kCFG, false>, grid, kRowThreads,
+                  0, s, p);
   }
 }
 
@@ -271,7 +273,8 @@ llada_status remask(const RemaskParams& p) {
     }
   }
   const dim3 grid(static_cast<unsigned>(p.B < 65535 * 1024LL ? p.B : 65535 * 1024LL));
-  remask_select_kernel<<<grid, kSelectThreads, smem, as_stream(p.stream)>>>(p);
+  launch_kernel("remask_select_kernel", remask_select_kernel, grid, kSelectThreads, smem,
+                as_stream(p.stream), p);
   return check_launch("remask (selection)");
 }
 

@@ -68,7 +68,11 @@ void* as_stream(uintptr_t s) {
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+#ifndef LLADA_PY_MODULE
+#define LLADA_PY_MODULE _C
+#endif
+
+PYBIND11_MODULE(LLADA_PY_MODULE, m) {
   m.doc() = "llada kernel library: thin bindings over the C ABI (csrc/include/llada/llada.h)";
   m.attr("VERSION") = LLADA_VERSION;
   m.def("version", &llada_version);
