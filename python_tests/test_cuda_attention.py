@@ -57,20 +57,30 @@ def ref_attention(
 
 
 def make_inputs(
-    b: int, sq: int, sk: int, hq: int, hkv: int, d: int, dtype: torch.dtype, seed: int = 0
+    b: int,
+    sq: int,
+    sk: int,
+    hq: int,
+    hkv: int,
+    d: int,
+    dtype: torch.dtype,
+    seed: int = 0,
+    device: str = "cuda",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator(device="cpu").manual_seed(seed)
-    q = torch.randn(b, sq, hq, d, generator=g).to("cuda", dtype)
-    k = torch.randn(b, sk, hkv, d, generator=g).to("cuda", dtype)
-    v = torch.randn(b, sk, hkv, d, generator=g).to("cuda", dtype)
+    q = torch.randn(b, sq, hq, d, generator=g).to(device, dtype)
+    k = torch.randn(b, sk, hkv, d, generator=g).to(device, dtype)
+    v = torch.randn(b, sk, hkv, d, generator=g).to(device, dtype)
     return q, k, v
 
 
-def random_mask(b: int, sk: int, seed: int = 1, p_keep: float = 0.7) -> torch.Tensor:
+def random_mask(
+    b: int, sk: int, seed: int = 1, p_keep: float = 0.7, device: str = "cuda"
+) -> torch.Tensor:
     g = torch.Generator(device="cpu").manual_seed(seed)
     m = torch.rand(b, sk, generator=g) < p_keep
     m[:, 0] = True  # every row keeps at least one key unless a test wants otherwise
-    return m.cuda()
+    return m.to(device)
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -95,12 +105,16 @@ def check_forward(q, k, v, mask, scale, out, lse=None) -> None:
 def check_backward(q, k, v, mask, scale, seed: int = 3) -> None:
     lx = _lx()
     g = torch.Generator(device="cpu").manual_seed(seed)
-    dout = torch.randn(q.shape, generator=g).to("cuda", q.dtype)
+    dout = torch.randn(q.shape, generator=g).to(q.device, q.dtype)
 
     qs, ks, vs = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
     out = lx.attention(qs, ks, vs, mask, scale=scale)
     got = torch.autograd.grad(out, (qs, ks, vs), dout)
+    check_grads(q, k, v, mask, scale, dout, got)
 
+
+def check_grads(q, k, v, mask, scale, dout, got) -> None:
+    """got = (dq, dk, dv) for upstream dout, against float64 and low-precision torch."""
     grads = {}
     for name, cdt in (("ref", torch.float64), ("low", q.dtype)):
         qr, kr, vr = (x.detach().clone().requires_grad_(True) for x in (q, k, v))

@@ -108,10 +108,13 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kWarps * 32)
 
   const T* k = static_cast<const T*>(f.k) + b * f.k_st.b + hk * f.k_st.h;
   const T* v = static_cast<const T*>(f.v) + b * f.v_st.b + hk * f.v_st.h;
+  // Masked keys are zero-filled: their K/V rows are never read.
+  const uint8_t* kpm =
+      f.key_padding_mask ? f.key_padding_mask + b * f.kpm_sb + n0 * f.kpm_ss : nullptr;
   load_tile<T, kBlockN, kD, kThreads>(sK, k + n0 * f.k_st.s, f.k_st.s, min(kBlockN, Sk - n0), D,
-                                      vec_in, tid);
+                                      vec_in, tid, kpm, f.kpm_ss);
   load_tile<T, kBlockN, kD, kThreads>(sV, v + n0 * f.v_st.s, f.v_st.s, min(kBlockN, Sk - n0), D,
-                                      vec_in, tid);
+                                      vec_in, tid, kpm, f.kpm_ss);
 
   // The two keys (accumulator rows g and g + 8 of S^T) this thread scores.
   bool key_ok[2];

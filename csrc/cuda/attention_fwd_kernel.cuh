@@ -93,8 +93,10 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32)
 
   const int n_tiles = (Sk + kBlockN - 1) / kBlockN;
   load_tile<T, kBlockM, kD, kThreads>(sQ, q, p.q_st.s, min(kBlockM, Sq - m0), D, vec_in, tid);
-  load_tile<T, kBlockN, kD, kThreads>(sK, k, p.k_st.s, min(kBlockN, Sk), D, vec_in, tid);
-  load_tile<T, kBlockN, kD, kThreads>(sV, v, p.v_st.s, min(kBlockN, Sk), D, vec_in, tid);
+  load_tile<T, kBlockN, kD, kThreads>(sK, k, p.k_st.s, min(kBlockN, Sk), D, vec_in, tid, kpm,
+                                      p.kpm_ss);
+  load_tile<T, kBlockN, kD, kThreads>(sV, v, p.v_st.s, min(kBlockN, Sk), D, vec_in, tid, kpm,
+                                      p.kpm_ss);
   cp_async_commit();
 
   const int wrow0 = warp * kMT * 16;         // first row of this warp in the tile
@@ -121,10 +123,11 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32)
       const int n1 = (j + 1) * kBlockN;
       T* dK = sK + (buf ^ 1) * kBlockN * kPitch;
       T* dV = sV + (buf ^ 1) * kBlockN * kPitch;
+      const uint8_t* kpm1 = kpm ? kpm + n1 * p.kpm_ss : nullptr;
       load_tile<T, kBlockN, kD, kThreads>(dK, k + n1 * p.k_st.s, p.k_st.s, min(kBlockN, Sk - n1), D,
-                                          vec_in, tid);
+                                          vec_in, tid, kpm1, p.kpm_ss);
       load_tile<T, kBlockN, kD, kThreads>(dV, v + n1 * p.v_st.s, p.v_st.s, min(kBlockN, Sk - n1), D,
-                                          vec_in, tid);
+                                          vec_in, tid, kpm1, p.kpm_ss);
     }
     cp_async_commit();   // always commit (maybe an empty group) so the count below holds
     cp_async_wait<1>();  // everything but the group just committed: Q and tile j are in

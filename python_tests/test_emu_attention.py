@@ -1,0 +1,157 @@
+"""CUDA attention kernels run on the CPU executor (llada_ext.emu), against float64 references.
+
+The same kernel sources as the GPU build, compiled for the executor, which checks every memory
+access and synchronisation as the kernels run (see csrc/emu). The cases and accuracy rules are
+those of test_cuda_attention.py: error at most twice that of plain PyTorch in the same low
+precision (three times for gradients). Sizes are smaller where a case only needs to cross a
+tile edge, because each emulated thread is a fiber on the CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_cuda_attention import (
+    SHAPES,
+    check_forward,
+    check_grads,
+    make_inputs,
+    max_err,
+    random_mask,
+)
+
+from llada_ext import emu
+
+pytestmark = pytest.mark.skipif(not emu.available(), reason="built without the executor")
+
+DTYPES = [torch.float16, torch.bfloat16]
+HEAD_DIMS = [64, 128, 72, 256]  # the three buckets, and 72 zero-padded into the 128 bucket
+
+
+def inputs(b, sq, sk, hq, hkv, d, dtype, seed=0):
+    return make_inputs(b, sq, sk, hq, hkv, d, dtype, seed=seed, device="cpu")
+
+
+def emu_forward_backward(q, k, v, mask, scale, seed: int = 3) -> None:
+    """Forward and backward kernels on the executor, checked against the references."""
+    out, lse = emu.attention_fwd(q, k, v, mask, scale)
+    check_forward(q, k, v, mask, scale, out, lse)
+    g = torch.Generator().manual_seed(seed)
+    dout = torch.randn(q.shape, generator=g).to(q.dtype)
+    got = emu.attention_bwd(q, k, v, mask, out, dout, lse, scale)
+    check_grads(q, k, v, mask, scale, dout, got)
+    return out, lse, got
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_backward_match_reference(dtype: torch.dtype, d: int, shape: tuple) -> None:
+    b, sq, sk, hq, hkv = shape
+    q, k, v = inputs(b, sq, sk, hq, hkv, d, dtype, seed=d)
+    emu_forward_backward(q, k, v, None, d**-0.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 128])
+def test_key_padding_mask(dtype: torch.dtype, d: int) -> None:
+    q, k, v = inputs(3, 50, 91, 4, 2, d, dtype, seed=5)
+    mask = random_mask(3, 91, seed=6, p_keep=0.5, device="cpu")
+    emu_forward_backward(q, k, v, mask, 0.37)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fully_masked_rows(dtype: torch.dtype) -> None:
+    """A batch row with every key masked: out 0, lse -inf, zero grads, no NaN anywhere; a
+    masked key is never read, so NaN in its K/V rows cannot reach anything."""
+    q, k, v = inputs(2, 40, 70, 4, 4, 128, dtype, seed=7)
+    mask = random_mask(2, 70, seed=8, device="cpu")
+    mask[1] = False
+    k[~mask] = float("nan")
+    v[~mask] = float("nan")
+    kc = torch.where(mask[:, :, None, None], k, torch.zeros_like(k))
+    vc = torch.where(mask[:, :, None, None], v, torch.zeros_like(v))
+    out, lse = emu.attention_fwd(q, k, v, mask)
+    check_forward(q, kc, vc, mask, 128**-0.5, out, lse)
+    assert (out[1] == 0).all() and (lse[1] == float("-inf")).all()
+    dout = torch.randn(q.shape).to(dtype)
+    dq, dk, dv = emu.attention_bwd(q, k, v, mask, out, dout, lse)
+    check_grads(q, kc, vc, mask, 128**-0.5, dout, (dq, dk, dv))
+    for gx in (dq, dk, dv):
+        assert torch.isfinite(gx).all()
+        assert (gx[1] == 0).all()
+    assert (dk[0][~mask[0]] == 0).all() and (dv[0][~mask[0]] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_short_queries_long_keys(dtype: torch.dtype) -> None:
+    """A block of 32 queries against many keys (semi-autoregressive sampling shape)."""
+    q, k, v = inputs(1, 32, 600, 2, 2, 128, dtype, seed=9)
+    mask = random_mask(1, 600, seed=10, p_keep=0.9, device="cpu")
+    emu_forward_backward(q, k, v, mask, 128**-0.5)
+
+
+def test_no_keys() -> None:
+    """Sk = 0: every row is fully masked (out 0, lse -inf), and dq is zero."""
+    q, k, v = inputs(2, 19, 0, 2, 1, 64, torch.bfloat16, seed=21)
+    out, lse = emu.attention_fwd(q, k, v)
+    assert (out == 0).all() and (lse == float("-inf")).all()
+    dq, dk, dv = emu.attention_bwd(q, k, v, None, out, torch.randn(q.shape).to(q.dtype), lse)
+    assert (dq == 0).all() and dk.numel() == 0 and dv.numel() == 0
+
+
+# ---- layouts -----------------------------------------------------------------------------
+
+
+def test_non_contiguous_fused_qkv() -> None:
+    """q, k, v as strided views of one fused [B, S, 3, H, D] projection (aligned strides)."""
+    qkv = torch.randn(2, 45, 3, 4, 64).to(torch.bfloat16)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    assert not q.is_contiguous()
+    emu_forward_backward(q, k, v, None, 64**-0.5)
+
+
+def test_non_contiguous_head_major() -> None:
+    """Inputs stored [B, H, S, D] and viewed as [B, S, H, D] (transposed strides)."""
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 4, 37, 128, generator=g).to(torch.float16).transpose(1, 2)
+    k = torch.randn(2, 2, 53, 128, generator=g).to(torch.float16).transpose(1, 2)
+    v = torch.randn(2, 2, 53, 128, generator=g).to(torch.float16).transpose(1, 2)
+    emu_forward_backward(q, k, v, None, 128**-0.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unaligned_strides(dtype: torch.dtype) -> None:
+    """Row strides that are not multiples of 8 elements and a base that is not 16-byte
+    aligned (the kernels' element-wise fallback path)."""
+    g = torch.Generator().manual_seed(12)
+    b, s, h, d = 2, 41, 3, 64
+    q = torch.randn(b, s, h, d + 4, generator=g).to(dtype)[..., :d]
+    buf = torch.randn(b * s * h * d + 1, generator=g).to(dtype)
+    k = buf[1:].view(b, s, h, d)
+    v = torch.randn(b, s, h, d + 2, generator=g).to(dtype)[..., 1 : d + 1]
+    emu_forward_backward(q, k, v, None, d**-0.5)
+
+
+def test_large_scores_are_stable() -> None:
+    """Large logits (scale 1 on big inputs) must not overflow the online softmax."""
+    q, k, v = inputs(1, 65, 130, 2, 2, 64, torch.bfloat16, seed=20)
+    q = (q * 4).to(torch.bfloat16)
+    out, lse = emu.attention_fwd(q, k, v, scale=1.0)
+    check_forward(q, k, v, None, 1.0, out, lse)
+    assert torch.isfinite(lse).all()
+
+
+def test_executor_agrees_with_cpu_twin() -> None:
+    """The CUDA kernel (on the executor) and the C++ CPU kernel on the same bfloat16 inputs."""
+    import llada_ext as lx
+    from test_cuda_attention import ref_attention
+
+    q, k, v = inputs(2, 70, 90, 4, 2, 64, torch.bfloat16, seed=13)
+    mask = random_mask(2, 90, seed=14, device="cpu")
+    out_emu, lse_emu = emu.attention_fwd(q, k, v, mask)
+    out_cpu, lse_cpu = lx.attention(q, k, v, mask, return_lse=True)
+    ref, _ = ref_attention(q, k, v, mask, 64**-0.5)
+    low, _ = ref_attention(q, k, v, mask, 64**-0.5, compute_dtype=torch.bfloat16)
+    assert max_err(out_emu, out_cpu) <= 2 * (2 * max_err(low, ref) + 1e-5)
+    torch.testing.assert_close(lse_emu, lse_cpu, rtol=1e-3, atol=2e-3)
