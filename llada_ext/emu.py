@@ -93,7 +93,11 @@ def _call(fn_name: str, *args) -> None:
 
 
 def attention_fwd(
-    q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor] = None, scale: Optional[float] = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
 ) -> tuple[Tensor, Tensor]:
     """CUDA attention forward on the executor.
 

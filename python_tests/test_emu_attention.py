@@ -18,8 +18,10 @@ from test_cuda_attention import (
     make_inputs,
     max_err,
     random_mask,
+    ref_attention,
 )
 
+import llada_ext as lx
 from llada_ext import emu
 
 pytestmark = pytest.mark.skipif(not emu.available(), reason="built without the executor")
@@ -144,9 +146,6 @@ def test_large_scores_are_stable() -> None:
 
 def test_executor_agrees_with_cpu_twin() -> None:
     """The CUDA kernel (on the executor) and the C++ CPU kernel on the same bfloat16 inputs."""
-    import llada_ext as lx
-    from test_cuda_attention import ref_attention
-
     q, k, v = inputs(2, 70, 90, 4, 2, 64, torch.bfloat16, seed=13)
     mask = random_mask(2, 90, seed=14, device="cpu")
     out_emu, lse_emu = emu.attention_fwd(q, k, v, mask)

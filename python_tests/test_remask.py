@@ -46,7 +46,7 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 def philox_uniform(seed: int, stream: int, index) -> np.ndarray:
     """float64 uniforms in (0, 1) of the given indices of a stream: counter index >> 1,
-    half index & 1, 53 bits from two words, (bits + 0.5) * 2**-53."""
+    half index & 1, 53 bits from two words, (bits + 0.5) * 2**-53, clamped below 1."""
     index = np.asarray(index, dtype=np.uint64)
     ctr = index >> np.uint64(1)
     shape = index.shape
@@ -63,7 +63,8 @@ def philox_uniform(seed: int, stream: int, index) -> np.ndarray:
     a = np.where(odd, r2, r0)
     b = np.where(odd, r3, r1)
     bits = ((a >> np.uint64(5)) << np.uint64(26)) | (b >> np.uint64(6))
-    return (bits.astype(np.float64) + 0.5) * (1.0 / 9007199254740992.0)
+    u = (bits.astype(np.float64) + 0.5) * (1.0 / 9007199254740992.0)
+    return np.minimum(u, np.nextafter(1.0, 0.0))
 
 
 def seed_of(generator_seed: int) -> int:

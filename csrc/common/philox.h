@@ -57,10 +57,13 @@ LLADA_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c
   return out;
 }
 
-// 53 random bits from two words, mapped to the open interval (0, 1).
+// 53 random bits from two words, mapped to the open interval (0, 1). The top value
+// (2^53 - 0.5) * 2^-53 rounds to exactly 1.0 in double, which would make -log(-log(u)) an
+// infinite Gumbel key: it is clamped to the largest double below 1, 1 - 2^-53.
 LLADA_HD double philox_to_unit_double(uint32_t a, uint32_t b) {
   const uint64_t bits = (static_cast<uint64_t>(a >> 5) << 26) | static_cast<uint64_t>(b >> 6);
-  return (static_cast<double>(bits) + 0.5) * (1.0 / 9007199254740992.0);  // 2^-53
+  const double u = (static_cast<double>(bits) + 0.5) * (1.0 / 9007199254740992.0);  // 2^-53
+  return u < 1.0 ? u : 0x1.fffffffffffffp-1;
 }
 
 // The uniform number with this index in this stream, in (0, 1), double precision.

@@ -23,8 +23,8 @@
 
 namespace llada {
 
-// Largest possible standard Gumbel value from philox_uniform: u <= 1 - 2^-54 gives
-// -log(-log(u)) <= 37.43. A token whose scaled logit l / T is below the best key by more
+// Largest possible standard Gumbel value from philox_uniform: u <= 1 - 2^-53 gives
+// -log(-log(u)) <= 36.74. A token whose scaled logit l / T is below the best key by more
 // than this can never win, so its random number need not even be drawn.
 constexpr double kRemaskGumbelMax = 37.5;
 

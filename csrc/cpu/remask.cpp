@@ -264,14 +264,14 @@ void Avx2::philox_block(uint64_t ctr0, int64_t count, uint64_t seed, uint32_t* o
 // `words` holds the Philox output of the counters from ctr0 on.
 inline void gumbel_exact(float l, int64_t v, uint64_t g, float temperature, const uint32_t* words,
                          uint64_t ctr0, RemaskRowState* st) {
+  // A -inf logit (probability 0) is never drawn, nor a NaN one; a row with no other
+  // logit predicts 0, as at temperature 0 and on CUDA.
+  if (!(l > -INFINITY)) return;
   const double lk = static_cast<double>(l) / static_cast<double>(temperature);
   double gap = 0.0;  // the Gumbel value needed to beat the best key
   if (st->idx >= 0) {
     gap = st->key - lk;
-    // G <= kRemaskGumbelMax always; also skips -inf and NaN logits.
-    if (!(gap < kRemaskGumbelMax)) return;
-  } else if (l != l) {
-    return;
+    if (!(gap < kRemaskGumbelMax)) return;  // G <= kRemaskGumbelMax always
   }
   // One counter yields the uniforms of indices 2c (words 0, 1) and 2c + 1 (words 2, 3).
   const uint32_t* r = words + 4 * ((g >> 1) - ctr0) + 2 * (g & 1);

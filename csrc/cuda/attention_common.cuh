@@ -174,14 +174,14 @@ __device__ __forceinline__ float quad_sum(float v) {
 // columns, `rows` valid rows) into shared memory with pitch kD + 8; everything outside
 // [rows, D) becomes zero. With row_ok (a key mask: row r is kept where
 // row_ok[r * row_ok_stride] != 0) the rows it masks are zero-filled without being read, so
-// NaN or inf in the K/V rows of masked keys can never reach a product. Executed cooperatively by kThreads threads (thread index tid).
-// vec: every row start is 16-byte aligned (checked on the host), so the copy goes through
-// cp.async and completes at the next cp_async_wait; otherwise it falls back to synchronous
-// element loads (correct for any stride, just slower), visible after the next barrier.
+// NaN or inf in the K/V rows of masked keys can never reach a product. Executed cooperatively by
+// kThreads threads (thread index tid). vec: every row start is 16-byte aligned (checked on the
+// host), so the copy goes through cp.async and completes at the next cp_async_wait; otherwise it
+// falls back to synchronous element loads (correct for any stride, just slower), visible after the
+// next barrier.
 template <typename T, int kRows, int kD, int kThreads>
 __device__ __forceinline__ void load_tile(T* smem, const T* src, int64_t row_stride, int rows,
-                                          int D, bool vec, int tid,
-                                          const uint8_t* row_ok = nullptr,
+                                          int D, bool vec, int tid, const uint8_t* row_ok = nullptr,
                                           int64_t row_ok_stride = 0) {
   constexpr int kPitch = Pitch<kD>::kValue;
   if (vec) {
@@ -190,8 +190,7 @@ __device__ __forceinline__ void load_tile(T* smem, const T* src, int64_t row_str
     for (int i = tid; i < kRows * kChunks; i += kThreads) {
       const int r = i / kChunks;
       const int c = (i % kChunks) * 8;
-      const bool valid =
-          r < rows && c < D && (row_ok == nullptr || row_ok[r * row_ok_stride] != 0);
+      const bool valid = r < rows && c < D && (row_ok == nullptr || row_ok[r * row_ok_stride] != 0);
       const T* g = valid ? src + r * row_stride + c : src;
       cp_async_16(smem_addr(smem + r * kPitch + c), g, valid);
     }
@@ -201,8 +200,7 @@ __device__ __forceinline__ void load_tile(T* smem, const T* src, int64_t row_str
     for (int i = tid; i < kRows * kD; i += kThreads) {
       const int r = i / kD;
       const int c = i % kD;
-      const bool valid =
-          r < rows && c < D && (row_ok == nullptr || row_ok[r * row_ok_stride] != 0);
+      const bool valid = r < rows && c < D && (row_ok == nullptr || row_ok[r * row_ok_stride] != 0);
       d16[r * kPitch + c] = valid ? s16[r * row_stride + c] : uint16_t(0);
     }
   }

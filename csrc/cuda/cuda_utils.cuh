@@ -41,15 +41,15 @@ inline void launch_kernel(const char* name, void (*kernel)(P...), dim3 grid, dim
   ::llada::emu::launch(name, kernel, grid, block, smem, stream, std::forward<A>(args)...);
 #else
   (void)name;
-  kernel<<<grid, block, smem, stream>>>(std::forward<A>(args)...);
+  kernel<<<grid, block, smem, stream> > >(std::forward<A>(args)...);
 #endif
 }
 
 // Shared-memory declarations, which the executor allocates per block.
 #if defined(LLADA_EMU)
-#define LLADA_SHARED_ARRAY(T, name, n)                                                       \
-  T* name = static_cast<T*>(::llada::emu::static_shared(sizeof(T) * (n), alignof(T), __FILE__, \
-                                                        __LINE__))
+#define LLADA_SHARED_ARRAY(T, name, n) \
+  T* name = static_cast<T*>(           \
+      ::llada::emu::static_shared(sizeof(T) * (n), alignof(T), __FILE__, __LINE__))
 #define LLADA_DYNAMIC_SHARED(T, name) \
   T* name = reinterpret_cast<decltype(name)>(::llada::emu::dynamic_shared())
 #else

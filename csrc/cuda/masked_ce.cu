@@ -211,7 +211,7 @@ llada_status launch_fwd(const CEParams& p) {
   cudaStream_t s = as_stream(p.stream);
   // One kernel per layout: 16-byte vectors when every row allows them.
   auto kernel = rows_vectorizable<T>(p.logits, p.logits_rs, p.V) ? masked_ce_fwd_kernel<T, true>
-                                                                  : masked_ce_fwd_kernel<T, false>;
+                                                                 : masked_ce_fwd_kernel<T, false>;
   launch_kernel("masked_ce_fwd_kernel", kernel, grid, kCEThreads, 0, s, logits, p.logits_rs,
                 p.targets, p.targets_s, p.weights, p.weights_s, p.loss, p.loss_s, p.lse, p.lse_s,
                 p.N, p.V);

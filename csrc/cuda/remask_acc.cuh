@@ -100,7 +100,8 @@ struct ThreadAcc {
   }
 
   // Top-2 and, at temperature 0, the argmax. Values arrive in increasing id within a
-  // thread, so strict comparisons keep the lowest id among equal logits.
+  // thread, so strict comparisons keep the lowest id among equal logits. Only a logit above
+  // -inf can be the argmax (NaN never is), as in the CPU twin: a row with none predicts 0.
   LLADA_ACC_FN void order(float l, int64_t v) {
     if (l > a1) {
       a2 = a1;
@@ -108,7 +109,7 @@ struct ThreadAcc {
     } else if (l > a2) {
       a2 = l;
     }
-    if (!kGumbel && (l > key_l || (idx < 0 && l == l))) {
+    if (!kGumbel && l > key_l) {
       key_l = l;
       idx = v;
     }
@@ -117,6 +118,7 @@ struct ThreadAcc {
   // Gumbel path: offers token v whose uniform is u. Keys are compared in double exactly as
   // remask_row.h does; remask_key_better keeps the lower id on equal keys.
   LLADA_ACC_FN void offer_gumbel(float l, int64_t v, double u, float temperature) {
+    if (!(l > -INFINITY)) return;  // -inf and NaN logits are never drawn, as on the CPU
     const double k = remask_gumbel_key_from_uniform(l, temperature, u);
     if (k != k) return;
     if (remask_key_better(k, v, key, idx)) {

@@ -33,8 +33,8 @@ std::string where(const Thread* t) {
              ex.block->idx.y, ex.block->idx.z);
   } else {
     snprintf(buf, sizeof(buf), "kernel %s, block (%u,%u,%u), thread (%u,%u,%u) (warp %d lane %d)",
-             ex.launch->name, ex.block->idx.x, ex.block->idx.y, ex.block->idx.z, t->idx.x,
-             t->idx.y, t->idx.z, t->tid / 32, t->tid % 32);
+             ex.launch->name, ex.block->idx.x, ex.block->idx.y, ex.block->idx.z, t->idx.x, t->idx.y,
+             t->idx.z, t->tid / 32, t->tid % 32);
   }
   return buf;
 }
@@ -73,8 +73,7 @@ void reset_shadow(Region& r) {
 namespace {
 
 // True when the access (tid, bar, wsync) happens before anything the thread t does now.
-inline bool ordered(uint16_t tid, uint32_t bar, uint32_t wsync, const Thread& t,
-                    const Block& b) {
+inline bool ordered(uint16_t tid, uint32_t bar, uint32_t wsync, const Thread& t, const Block& b) {
   if (tid == t.tid) return true;
   if (bar < b.bar) return true;
   const int w = t.tid / 32;
@@ -90,13 +89,15 @@ const char* region_name(const Region& r) {
 
 void race(const char* kind, const Region& r, size_t off, uint16_t other) {
   if (other == kManyReaders) {
-    fail("shared-memory race (%s) at byte %zu of %s: threads of several warps read it with no "
-         "barrier before this write",
-         kind, off, region_name(r));
+    fail(
+        "shared-memory race (%s) at byte %zu of %s: threads of several warps read it with no "
+        "barrier before this write",
+        kind, off, region_name(r));
   }
-  fail("shared-memory race (%s) at byte %zu of %s with thread %u (warp %u lane %u): no "
-       "barrier between the two accesses",
-       kind, off, region_name(r), other, other / 32, other % 32);
+  fail(
+      "shared-memory race (%s) at byte %zu of %s with thread %u (warp %u lane %u): no "
+      "barrier between the two accesses",
+      kind, off, region_name(r), other, other / 32, other % 32);
 }
 
 }  // namespace
@@ -107,9 +108,10 @@ void shared_access(Region& r, size_t off, size_t bytes, bool write, const Thread
   for (size_t i = off; i < off + bytes; ++i) {
     Cell& c = r.shadow[i];
     if (c.flags & kPending) {
-      fail("%s byte %zu of %s while a cp.async of thread %u that fills it is still in flight "
-           "(no cp.async.wait_group has completed it)",
-           write ? "writes" : "reads", i, region_name(r), c.w_tid);
+      fail(
+          "%s byte %zu of %s while a cp.async of thread %u that fills it is still in flight "
+          "(no cp.async.wait_group has completed it)",
+          write ? "writes" : "reads", i, region_name(r), c.w_tid);
     }
     if (write) {
       if ((c.flags & kWritten) && !ordered(c.w_tid, c.w_bar, c.w_wsync, t, b))
@@ -191,8 +193,8 @@ void check_global(const void* p, size_t bytes, bool write, const char* what) {
     }
   }
   if (near == nullptr) {
-    fail("%s: %s of %zu bytes at %p, and the call passed no tensor", what,
-         write ? "write" : "read", bytes, p);
+    fail("%s: %s of %zu bytes at %p, and the call passed no tensor", what, write ? "write" : "read",
+         bytes, p);
   }
   const long long rel = static_cast<long long>(a) - static_cast<long long>(near->lo);
   fail("%s: out-of-bounds %s of %zu bytes at %p (byte %lld of '%s', which has %llu bytes)", what,
@@ -240,15 +242,31 @@ inline void hook(const void* p, size_t n, bool write) {
 }  // namespace
 
 extern "C" {
-#define LLADA_EMU_HOOKS(N)                                                   \
-  void __tsan_read##N(void* p) { hook(p, N, false); }                        \
-  void __tsan_write##N(void* p) { hook(p, N, true); }                        \
-  void __tsan_unaligned_read##N(void* p) { hook(p, N, false); }              \
-  void __tsan_unaligned_write##N(void* p) { hook(p, N, true); }              \
-  void __tsan_volatile_read##N(void* p) { hook(p, N, false); }               \
-  void __tsan_volatile_write##N(void* p) { hook(p, N, true); }               \
-  void __tsan_unaligned_volatile_read##N(void* p) { hook(p, N, false); }     \
-  void __tsan_unaligned_volatile_write##N(void* p) { hook(p, N, true); }
+#define LLADA_EMU_HOOKS(N)                           \
+  void __tsan_read##N(void* p) {                     \
+    hook(p, N, false);                               \
+  }                                                  \
+  void __tsan_write##N(void* p) {                    \
+    hook(p, N, true);                                \
+  }                                                  \
+  void __tsan_unaligned_read##N(void* p) {           \
+    hook(p, N, false);                               \
+  }                                                  \
+  void __tsan_unaligned_write##N(void* p) {          \
+    hook(p, N, true);                                \
+  }                                                  \
+  void __tsan_volatile_read##N(void* p) {            \
+    hook(p, N, false);                               \
+  }                                                  \
+  void __tsan_volatile_write##N(void* p) {           \
+    hook(p, N, true);                                \
+  }                                                  \
+  void __tsan_unaligned_volatile_read##N(void* p) {  \
+    hook(p, N, false);                               \
+  }                                                  \
+  void __tsan_unaligned_volatile_write##N(void* p) { \
+    hook(p, N, true);                                \
+  }
 LLADA_EMU_HOOKS(1)
 LLADA_EMU_HOOKS(2)
 LLADA_EMU_HOOKS(4)

@@ -182,8 +182,8 @@ float atomic_add(float* address, float value);
 // The launch: runs every block of the grid on the executor, synchronously, and records the
 // first failure (a configuration error or a checker report) for get_last_error().
 using Entry = void (*)(const void* ctx);
-void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_t smem,
-              Entry entry, const void* ctx);
+void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_t smem, Entry entry,
+              const void* ctx);
 // Entered by each thread before the kernel body runs and left after it returns: only the
 // memory accesses in between are the kernel's own (the argument copy before is not).
 void begin_kernel_body();

@@ -77,11 +77,10 @@ void block_here() {
 
 Region& add_region(Block& b, size_t bytes, const char* file, int line) {
   b.shared_total += bytes;
-  const size_t limit =
-      static_cast<size_t>(kMaxSharedBytesOptin);  // static + dynamic, per block
+  const size_t limit = static_cast<size_t>(kMaxSharedBytesOptin);  // static + dynamic, per block
   if (b.shared_total > limit) {
-    fail("the block uses %zu bytes of shared memory, more than the device's %zu",
-         b.shared_total, limit);
+    fail("the block uses %zu bytes of shared memory, more than the device's %zu", b.shared_total,
+         limit);
   }
   Region r;
   r.mem = static_cast<char*>(malloc(bytes + 2 * kMargin));
@@ -111,8 +110,8 @@ std::string waits_summary(const Block& b) {
     }
     char buf[300];
     snprintf(buf, sizeof(buf), "%s at %s:%d",
-             t.state == ThreadState::kBarrier ? "__syncthreads" : "a warp collective",
-             t.wait_file, t.wait_line);
+             t.state == ThreadState::kBarrier ? "__syncthreads" : "a warp collective", t.wait_file,
+             t.wait_line);
     sites[buf]++;
   }
   std::string s;
@@ -223,8 +222,8 @@ void complete_ldmatrix(Thread* lanes[32]) {
     for (int row = 0; row < 8; ++row) {
       Thread& src = *lanes[ldmatrix_row_lane(mat, row)];
       const uint32_t addr = src.in[0];
-      if (addr % 16 != 0) fail("ldmatrix row address 0x%x of lane %d is not 16-byte aligned", addr,
-                               src.tid % 32);
+      if (addr % 16 != 0)
+        fail("ldmatrix row address 0x%x of lane %d is not 16-byte aligned", addr, src.tid % 32);
       size_t off = 0;
       Region* r = resolve_shared(addr, 16, &off);
       shared_access(*r, off, 16, false, src);
@@ -312,7 +311,8 @@ void warp_collective(int op, unsigned mask, const char* file, int line) {
   t.wait_line = line;
   t.state = ThreadState::kWarp;
   const int warp = t.tid / 32;
-  if (!(mask >> (t.tid % 32) & 1u)) fail("warp collective with a mask 0x%x that excludes the calling lane", mask);
+  if (!(mask >> (t.tid % 32) & 1u))
+    fail("warp collective with a mask 0x%x that excludes the calling lane", mask);
   Thread* lanes[32] = {};
   bool complete = true;
   for (int lane = 0; lane < 32; ++lane) {
@@ -325,8 +325,7 @@ void warp_collective(int op, unsigned mask, const char* file, int line) {
     }
     const Thread& o = *lanes[lane];
     if (o.state == ThreadState::kExited) {
-      fail("warp collective at %s:%d: lane %d of the mask 0x%x has exited", file, line, lane,
-           mask);
+      fail("warp collective at %s:%d: lane %d of the mask 0x%x has exited", file, line, lane, mask);
     }
     if (o.state != ThreadState::kWarp) {
       complete = false;
@@ -380,8 +379,8 @@ cudaError_t func_set_attribute(const void* func, int attr, int value) {
   return cudaSuccess;
 }
 
-void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_t smem,
-              Entry entry, const void* ctx) {
+void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_t smem, Entry entry,
+              const void* ctx) {
   const long long nthreads = static_cast<long long>(block.x) * block.y * block.z;
   char buf[256];
   if (nthreads < 1 || nthreads > kMaxThreadsPerBlock) {
@@ -509,8 +508,7 @@ void* static_shared(size_t bytes, size_t align, const char* file, int line) {
 uint32_t shared_address(const void* p, const char* file, int line) {
   const char* a = static_cast<const char*>(p);
   for (const Region& r : exec().block->regions) {
-    if (a >= r.base && a <= r.base + r.bytes)
-      return r.addr + static_cast<uint32_t>(a - r.base);
+    if (a >= r.base && a <= r.base + r.bytes) return r.addr + static_cast<uint32_t>(a - r.base);
   }
   fail("__cvta_generic_to_shared at %s:%d of %p, which is not shared memory", file, line, p);
   return 0;

@@ -84,12 +84,12 @@ void fiber_init(Fiber* f, FiberStack stack, void (*fn)(void*), void* arg) {
   asm volatile("stmxcsr %0" : "=m"(mxcsr));
   asm volatile("fnstcw %0" : "=m"(fpucw));
   sp[0] = static_cast<uint64_t>(mxcsr) | (static_cast<uint64_t>(fpucw) << 32);
-  sp[1] = 0;                                    // r15
-  sp[2] = 0;                                    // r14
-  sp[3] = reinterpret_cast<uint64_t>(fn);       // r13
-  sp[4] = reinterpret_cast<uint64_t>(arg);      // r12
-  sp[5] = 0;                                    // rbx
-  sp[6] = 0;                                    // rbp
+  sp[1] = 0;                                                   // r15
+  sp[2] = 0;                                                   // r14
+  sp[3] = reinterpret_cast<uint64_t>(fn);                      // r13
+  sp[4] = reinterpret_cast<uint64_t>(arg);                     // r12
+  sp[5] = 0;                                                   // rbx
+  sp[6] = 0;                                                   // rbp
   sp[7] = reinterpret_cast<uint64_t>(&llada_emu_fiber_start);  // return address
   // After the pops and the return, rsp == top: 16-byte aligned at the call, as the ABI wants.
   f->sp = sp;
@@ -110,12 +110,10 @@ void fiber_init(Fiber* f, FiberStack stack, void (*fn)(void*), void* arg) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(arg);
   static void (*s_fn)(void*);
   s_fn = fn;
-  makecontext(
-      &f->ctx,
-      reinterpret_cast<void (*)()>(+[](unsigned lo, unsigned hi) {
-        s_fn(reinterpret_cast<void*>((static_cast<uintptr_t>(hi) << 32) | lo));
-      }),
-      2, static_cast<unsigned>(a), static_cast<unsigned>(a >> 32));
+  makecontext(&f->ctx, reinterpret_cast<void (*)()>(+[](unsigned lo, unsigned hi) {
+    s_fn(reinterpret_cast<void*>((static_cast<uintptr_t>(hi) << 32) | lo));
+  }),
+              2, static_cast<unsigned>(a), static_cast<unsigned>(a >> 32));
 }
 
 void fiber_switch(Fiber* from, Fiber* to) {

@@ -20,8 +20,8 @@ enum class ThreadState : uint8_t { kRunnable, kBarrier, kWarp, kExited };
 enum CollectiveOp : int { kOpSyncwarp = 1, kOpShfl, kOpLdmatrix, kOpMma };
 
 struct CpCopy {
-  uint32_t dst;       // shared address
-  uint8_t data[16];   // what lands there (zeros for a zero-filling copy)
+  uint32_t dst;      // shared address
+  uint8_t data[16];  // what lands there (zeros for a zero-filling copy)
 };
 
 struct Thread {
@@ -79,8 +79,8 @@ struct Block {
   std::vector<Region> regions;
   size_t shared_total = 0;
   uint32_t next_addr = 0;
-  uint32_t bar = 0;               // completed __syncthreads
-  std::vector<uint32_t> wsync;    // completed __syncwarp per warp
+  uint32_t bar = 0;             // completed __syncthreads
+  std::vector<uint32_t> wsync;  // completed __syncwarp per warp
 };
 
 // The launch in progress on this OS thread.
