@@ -41,7 +41,9 @@ inline void launch_kernel(const char* name, void (*kernel)(P...), dim3 grid, dim
   ::llada::emu::launch(name, kernel, grid, block, smem, stream, std::forward<A>(args)...);
 #else
   (void)name;
-  kernel<<<grid, block, smem, stream> > >(std::forward<A>(args)...);
+  // clang-format off
+  kernel<<<grid, block, smem, stream>>>(std::forward<A>(args)...);
+  // clang-format on
 #endif
 }
 

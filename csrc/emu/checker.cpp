@@ -208,9 +208,9 @@ void check_access(const void* p, size_t bytes, bool write) {
   const char* a = static_cast<const char*>(p);
   if (a >= t->stack.lo && a < t->stack.hi) return;  // the thread's own locals
   for (Region& r : ex.block->regions) {
-    if (a >= r.base && a < r.base + r.bytes) {
-      if (a + bytes > r.base + r.bytes) {
-        fail("%s of %zu bytes at offset %zd of %s runs past its end (%zu bytes)",
+    if (a >= r.base - kSharedMargin && a < r.base + r.bytes + kSharedMargin) {
+      if (a < r.base || a + bytes > r.base + r.bytes) {
+        fail("out-of-bounds %s of %zu bytes at byte %zd of %s, which has %zu bytes",
              write ? "write" : "read", bytes, a - r.base, region_name(r), r.bytes);
       }
       shared_access(r, static_cast<size_t>(a - r.base), bytes, write, *t);

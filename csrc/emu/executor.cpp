@@ -28,7 +28,6 @@ namespace emu {
 namespace {
 
 constexpr size_t kStackBytes = 256 * 1024;
-constexpr size_t kMargin = 256;  // unregistered bytes around each shared allocation
 
 thread_local cudaError_t t_last_error = cudaSuccess;
 thread_local std::string t_last_message;
@@ -83,8 +82,8 @@ Region& add_region(Block& b, size_t bytes, const char* file, int line) {
          limit);
   }
   Region r;
-  r.mem = static_cast<char*>(malloc(bytes + 2 * kMargin));
-  r.base = r.mem + kMargin;
+  r.mem = static_cast<char*>(malloc(bytes + 2 * kSharedMargin));
+  r.base = r.mem + kSharedMargin;
   r.bytes = bytes;
   r.addr = b.next_addr;
   r.file = file;

@@ -55,6 +55,10 @@ struct Cell {
 constexpr uint8_t kWritten = 1, kRead = 2, kPending = 4;
 constexpr uint16_t kManyReaders = 0xffff;
 
+// Bytes left unregistered around each shared allocation: an access that lands there is
+// reported as running off that allocation.
+constexpr size_t kSharedMargin = 256;
+
 // One shared-memory allocation of a block: the dynamic array, or a static __shared__ array.
 struct Region {
   char* mem = nullptr;  // allocation (with an unregistered margin around the region)

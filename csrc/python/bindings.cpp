@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "llada/llada.h"
 
@@ -67,6 +69,15 @@ void* as_stream(uintptr_t s) {
 }
 
 }  // namespace
+
+#if defined(LLADA_EMU)
+namespace llada {
+namespace emu {
+std::vector<std::string> selftest_names();
+std::pair<std::string, std::vector<float>> selftest(const std::string& name);
+}  // namespace emu
+}  // namespace llada
+#endif
 
 #ifndef LLADA_PY_MODULE
 #define LLADA_PY_MODULE _C
@@ -201,4 +212,11 @@ PYBIND11_MODULE(LLADA_PY_MODULE, m) {
       py::arg("threshold"), py::arg("temperature"), py::arg("cfg_scale"), py::arg("seed"),
       py::arg("x_out"), py::arg("x0"), py::arg("confidence"), py::arg("workspace") = 0,
       py::arg("workspace_bytes") = 0, py::arg("stream") = 0);
+
+#if defined(LLADA_EMU)
+  // The executor's own checks, each tripped by a deliberately broken kernel (csrc/emu).
+  m.def("selftest_names", &llada::emu::selftest_names);
+  m.def("selftest", &llada::emu::selftest, py::arg("name"),
+        "Runs one self-test kernel: (the executor's report or '', the kernel's output).");
+#endif
 }
