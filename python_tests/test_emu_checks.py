@@ -29,12 +29,21 @@ BROKEN = {
     "barrier_divergence": ["barrier_divergence_kernel", "different __syncthreads"],
     "warp_divergence": ["warp_divergence_kernel", "exited"],
     "block_too_large": ["invalid block (2048,1,1)"],
+    "global_race": ["blocks_kernel", "block (1,0,0)", "global race", "which block 0 wrote"],
+    "ldg_written": ["ldg_kernel", "read-only load (__ldg)", "which this launch writes"],
     "smem_without_optin": ["65536 bytes of dynamic shared memory", "cudaFuncSetAttribute"],
 }
 
 
 def test_every_selftest_is_covered() -> None:
-    covered = set(BROKEN) | {"race_synced", "warp_synced", "cp_async_waited", "reduce", "mma"}
+    covered = set(BROKEN) | {
+        "race_synced",
+        "warp_synced",
+        "cp_async_waited",
+        "reduce",
+        "mma",
+        "global_atomics",
+    }
     assert set(emu._load().selftest_names()) == covered
 
 
@@ -62,6 +71,11 @@ def test_waited_cp_async_lands() -> None:
     report, out = selftest("cp_async_waited")
     assert report == ""
     assert out == [float(4 * ((i + 1) % 32)) for i in range(32)]
+
+
+def test_atomics_of_several_blocks_meet() -> None:
+    report, out = selftest("global_atomics")
+    assert report == "" and out == [3.0]
 
 
 def test_shuffle_and_shared_reduction() -> None:

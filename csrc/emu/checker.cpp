@@ -8,12 +8,17 @@
 //         between them, nor a __syncwarp when both are lanes of one warp;
 //       * reads of bytes nothing has written (the memory is poisoned with 0xff as well);
 //       * accesses to bytes an in-flight cp.async (not yet waited for) fills.
+//   - Global, within one launch: a byte one block writes must not be read or written by
+//     another (nothing orders blocks; atomics may meet atomics), and a read-only (__ldg)
+//     load must not read a byte the launch writes.
 // The loads and stores reach these checks through the -fsanitize=thread instrumentation of
 // the kernel translation units: this file defines the __tsan_* entry points the compiler
 // calls, and no ThreadSanitizer runtime is linked.
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+
+#include <utility>
 
 #include "emu/state.h"
 
@@ -180,12 +185,63 @@ Region* resolve_shared(uint32_t addr, size_t bytes, size_t* offset) {
   return nullptr;
 }
 
-void check_global(const void* p, size_t bytes, bool write, const char* what) {
+namespace {
+
+const char* op_name(GlobalOp op) {
+  switch (op) {
+    case GlobalOp::kRead: return "read";
+    case GlobalOp::kReadOnly: return "read-only load";
+    case GlobalOp::kWrite: return "write";
+    default: return "atomic";
+  }
+}
+
+// Orders global accesses between blocks: within one launch nothing orders two blocks, so a
+// byte written by one block must not be read or written by another (atomics excepted among
+// themselves), and a read-only (__ldg) load must not see a byte the launch writes.
+void global_access(GlobalRange& g, size_t off, size_t bytes, GlobalOp op, const char* what) {
+  const Executor& ex = exec();
+  if (g.launch != ex.launch->id) {
+    g.writer.assign(g.hi - g.lo, 0);
+    g.reader.assign(g.hi - g.lo, 0);
+    g.launch = ex.launch->id;
+  }
+  const uint32_t me = ex.block->id;
+  for (size_t i = off; i < off + bytes; ++i) {
+    const uint32_t w = g.writer[i], wb = w & ~kAtomic;
+    const uint32_t r = g.reader[i];
+    if (op == GlobalOp::kReadOnly && w != 0) {
+      fail("%s: read-only load (__ldg) of byte %zu of '%s', which this launch writes", what, i,
+           g.name);
+    }
+    if (w != 0 && wb != me && !(op == GlobalOp::kAtomic && (w & kAtomic))) {
+      fail("%s: global race: %s of byte %zu of '%s', which block %u wrote in this launch", what,
+           op_name(op), i, g.name, wb - 1);
+    }
+    if (op == GlobalOp::kWrite || op == GlobalOp::kAtomic) {
+      if (r != 0 && r != me) {
+        fail("%s: global race: %s of byte %zu of '%s', which %s read in this launch", what,
+             op_name(op), i, g.name, r == kManyBlocks ? "other blocks" : "another block");
+      }
+      g.writer[i] = me | (op == GlobalOp::kAtomic ? kAtomic : 0u);
+    } else {
+      g.reader[i] = (r == 0 || r == me) ? me : kManyBlocks;
+    }
+  }
+}
+
+}  // namespace
+
+void check_global(const void* p, size_t bytes, GlobalOp op, const char* what) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  const bool write = op == GlobalOp::kWrite || op == GlobalOp::kAtomic;
   const GlobalRange* near = nullptr;
   uintptr_t best = ~uintptr_t(0);
-  for (const GlobalRange& g : exec().globals) {
-    if (a >= g.lo && a + bytes <= g.hi) return;
+  for (GlobalRange& g : exec().globals) {
+    if (a >= g.lo && a + bytes <= g.hi) {
+      global_access(g, a - g.lo, bytes, op, what);
+      return;
+    }
     const uintptr_t d = a < g.lo ? g.lo - a : a - g.hi;
     if (d < best) {
       best = d;
@@ -217,7 +273,7 @@ void check_access(const void* p, size_t bytes, bool write) {
       return;
     }
   }
-  check_global(p, bytes, write, "global memory");
+  check_global(p, bytes, write ? GlobalOp::kWrite : GlobalOp::kRead, "global memory");
 }
 
 void begin_call() {
@@ -227,7 +283,13 @@ void begin_call() {
 void note_global(const void* base, size_t bytes, const char* name) {
   if (base == nullptr || bytes == 0) return;
   const uintptr_t lo = reinterpret_cast<uintptr_t>(base);
-  exec().globals.push_back(GlobalRange{lo, lo + bytes, name});
+  for (const GlobalRange& g : exec().globals)
+    if (g.lo == lo && g.hi == lo + bytes) return;  // the same buffer twice (in-place calls)
+  GlobalRange g;
+  g.lo = lo;
+  g.hi = lo + bytes;
+  g.name = name;
+  exec().globals.push_back(std::move(g));
 }
 
 }  // namespace emu

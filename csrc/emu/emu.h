@@ -121,9 +121,15 @@ inline long max(long a, long b) {
   return a > b ? a : b;
 }
 
-// Read-only global load: an ordinary (checked) load on the host.
+// Read-only (non-coherent) global load: checked as such, then an ordinary load.
+namespace llada {
+namespace emu {
+void read_only_load(const void* p, size_t bytes);
+}
+}  // namespace llada
 template <typename T>
 inline T __ldg(const T* p) {
+  ::llada::emu::read_only_load(p, sizeof(T));
   return *p;
 }
 
@@ -178,6 +184,7 @@ void cp_async_wait(int pending);
 void ldmatrix(uint32_t* regs, int count, uint32_t addr, bool trans);
 void mma_16816(float* d, const uint32_t* a, uint32_t b0, uint32_t b1, bool bf16);
 float atomic_add(float* address, float value);
+void read_only_load(const void* p, size_t bytes);
 
 // The launch: runs every block of the grid on the executor, synchronously, and records the
 // first failure (a configuration error or a checker report) for get_last_error().

@@ -405,7 +405,9 @@ void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_
     return;
   }
   Executor& ex = exec();
+  static thread_local uint64_t launches = 0;
   Launch l;
+  l.id = ++launches;
   l.name = name;
   l.grid = grid;
   l.block = block;
@@ -421,6 +423,7 @@ void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_
     for (unsigned y = 0; y < grid.y && !l.failed; ++y) {
       for (unsigned x = 0; x < grid.x && !l.failed; ++x) {
         b.idx = uint3{x, y, z};
+        b.id = 1 + x + grid.x * (y + grid.y * z);
         run_block(l, b, threads);
       }
     }
@@ -524,7 +527,7 @@ void cp_async_16(uint32_t dst, const void* src, bool valid) {
   if (valid) {
     if (reinterpret_cast<uintptr_t>(src) % 16 != 0)
       fail("cp.async source %p is not 16-byte aligned", src);
-    check_global(src, 16, false, "cp.async source");
+    check_global(src, 16, GlobalOp::kRead, "cp.async source");
     memcpy(c.data, src, 16);
   }
   shared_access(*r, off, 16, true, t);  // the copy writes these bytes at some point from now
@@ -569,8 +572,12 @@ void mma_16816(float* d, const uint32_t* a, uint32_t b0, uint32_t b1, bool bf16)
   memcpy(d, t.out, 16);
 }
 
+void read_only_load(const void* p, size_t bytes) {
+  check_global(p, bytes, GlobalOp::kReadOnly, "__ldg");
+}
+
 float atomic_add(float* address, float value) {
-  check_global(address, 4, true, "atomicAdd");
+  check_global(address, 4, GlobalOp::kAtomic, "atomicAdd");
   const float old = *address;
   *address = old + value;
   return old;

@@ -84,6 +84,23 @@ __global__ void warp_divergence_kernel(float* out) {
   out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.f, 1);
 }
 
+// Every block writes out[0]: nothing orders the blocks (a plain-store race); with
+// atomics the blocks may meet, and out[0] counts them.
+__global__ void blocks_kernel(int atomic, float* out) {
+  if (threadIdx.x != 0) return;
+  if (atomic) {
+    atomicAdd(out, 1.f);
+  } else {
+    out[0] = static_cast<float>(blockIdx.x);
+  }
+}
+
+// Writes out[i], then reads it back through the read-only (non-coherent) path.
+__global__ void ldg_kernel(float* out) {
+  out[threadIdx.x] = 1.f;
+  out[threadIdx.x] += __ldg(out + threadIdx.x);
+}
+
 // A warp sum through shuffles and a block sum through shared memory (correct control).
 __global__ void reduce_kernel(float* out) {
   LLADA_SHARED_ARRAY(float, s, 33);
@@ -155,7 +172,10 @@ std::vector<std::string> selftest_names() {
           "reduce",
           "mma",
           "block_too_large",
-          "smem_without_optin"};
+          "smem_without_optin",
+          "global_race",
+          "global_atomics",
+          "ldg_written"};
 }
 
 // Runs one self-test kernel; returns (the executor's report, or "" if none; the output).
@@ -187,6 +207,10 @@ std::pair<std::string, std::vector<float>> selftest(const std::string& name) {
     r = run("reduce_kernel", reduce_kernel, 1, 256, 0, in, 1);
   } else if (name == "mma") {
     r = run("mma_kernel", mma_kernel, 1, 32, (256 + 128) * 2, in, 128);
+  } else if (name == "global_race" || name == "global_atomics") {
+    r = run("blocks_kernel", blocks_kernel, 3, 32, 0, in, 1, name == "global_atomics" ? 1 : 0);
+  } else if (name == "ldg_written") {
+    r = run("ldg_kernel", ldg_kernel, 1, 32, 0, in, 32);
   } else if (name == "block_too_large") {
     r = run("reduce_kernel", reduce_kernel, 1, 2048, 0, in, 1);
   } else if (name == "smem_without_optin") {

@@ -70,14 +70,22 @@ struct Region {
   std::vector<Cell> shadow;
 };
 
+// A tensor (or workspace) of the current C call, with the shadow of the launch in progress:
+// per byte, the block that wrote it (kAtomic set for atomics) and the block that read it
+// (kManyBlocks when several did); 0 = none. Blocks are numbered from 1.
 struct GlobalRange {
   uintptr_t lo, hi;
   const char* name;
+  uint64_t launch = 0;  // the launch the shadow belongs to
+  std::vector<uint32_t> writer, reader;
 };
+constexpr uint32_t kAtomic = 0x80000000u, kManyBlocks = 0x7fffffffu;
+enum class GlobalOp { kRead, kReadOnly, kWrite, kAtomic };
 
 // One block being run.
 struct Block {
   uint3 idx{0, 0, 0};
+  uint32_t id = 0;  // linear block index + 1
   int nthreads = 0;
   std::vector<Thread>* threads = nullptr;
   std::vector<Region> regions;
@@ -89,6 +97,7 @@ struct Block {
 
 // The launch in progress on this OS thread.
 struct Launch {
+  uint64_t id = 0;
   const char* name = "";
   dim3 grid, block;
   size_t smem = 0;
@@ -120,7 +129,7 @@ void check_access(const void* p, size_t bytes, bool write);
 // The region and byte offset of a shared-window address range; fails if outside one.
 Region* resolve_shared(uint32_t addr, size_t bytes, size_t* offset);
 void shared_access(Region& r, size_t off, size_t bytes, bool write, const Thread& t);
-void check_global(const void* p, size_t bytes, bool write, const char* what);
+void check_global(const void* p, size_t bytes, GlobalOp op, const char* what);
 // cp.async bookkeeping on the shadow.
 void mark_pending(Region& r, size_t off, size_t bytes, const Thread& t);
 void land_copy(const CpCopy& c, const Thread& t);
