@@ -32,6 +32,13 @@ if [ ${#need[@]} -gt 0 ]; then
   echo "[setup] installing ${need[*]}"
   pip_q "${need[@]}"
 fi
+# CuTe's layout headers (the nvidia-cutlass wheel, headers only: no dependencies) are the
+# independent source the executor's tensor-core lane maps are checked against.
+if ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('cutlass_library') is None)" \
+    >/dev/null 2>&1; then
+  echo "[setup] installing nvidia-cutlass (headers)"
+  pip_q --no-deps "nvidia-cutlass==4.2.0.0"
+fi
 export PATH="$(cd "$VENV/bin" && pwd):$PATH"
 echo "[setup] building the extension (LLADA_CUDA=${LLADA_CUDA:-auto})"
 LLADA_JOBS="${LLADA_JOBS:-$(nproc)}" pip_q --no-build-isolation --no-deps -e .
