@@ -124,6 +124,9 @@ if [ -z "${LLADA_CUDA_ARCHS:-}" ]; then
   export LLADA_CUDA_ARCHS="${CC:-90}"
 fi
 export LLADA_CUDA=1
+# The CPU executor (llada_ext._C_emu) runs the CUDA kernels in CI; here the GPU runs them, so
+# it is not built and its tests skip (they would spend the pytest stage's time on the CPU).
+export LLADA_EMU=0
 export LLADA_JOBS="${LLADA_JOBS:-$(nproc)}"
 echo "[gpu_check] CUDA archs: $LLADA_CUDA_ARCHS, jobs: $LLADA_JOBS"
 run_stage build 240 bash scripts/dev_build.sh

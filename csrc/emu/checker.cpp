@@ -92,17 +92,25 @@ const char* region_name(const Region& r) {
   return buf;
 }
 
+// "byte 12 (shared address 0x100c) of the dynamic shared array"
+const char* shared_byte(const Region& r, size_t off) {
+  static thread_local char buf[400];
+  snprintf(buf, sizeof(buf), "byte %zu (shared address 0x%zx) of %s", off,
+           static_cast<size_t>(r.addr) + off, region_name(r));
+  return buf;
+}
+
 void race(const char* kind, const Region& r, size_t off, uint16_t other) {
   if (other == kManyReaders) {
     fail(
-        "shared-memory race (%s) at byte %zu of %s: threads of several warps read it with no "
-        "barrier before this write",
-        kind, off, region_name(r));
+        "shared-memory race (%s) at %s: threads of several warps read it with no barrier "
+        "before this write",
+        kind, shared_byte(r, off));
   }
   fail(
-      "shared-memory race (%s) at byte %zu of %s with thread %u (warp %u lane %u): no "
-      "barrier between the two accesses",
-      kind, off, region_name(r), other, other / 32, other % 32);
+      "shared-memory race (%s) at %s with thread %u (warp %u lane %u): no barrier between "
+      "the two accesses",
+      kind, shared_byte(r, off), other, other / 32, other % 32);
 }
 
 }  // namespace
@@ -114,9 +122,9 @@ void shared_access(Region& r, size_t off, size_t bytes, bool write, const Thread
     Cell& c = r.shadow[i];
     if (c.flags & kPending) {
       fail(
-          "%s byte %zu of %s while a cp.async of thread %u that fills it is still in flight "
+          "%s %s while a cp.async of thread %u that fills it is still in flight "
           "(no cp.async.wait_group has completed it)",
-          write ? "writes" : "reads", i, region_name(r), c.w_tid);
+          write ? "writes" : "reads", shared_byte(r, i), c.w_tid);
     }
     if (write) {
       if ((c.flags & kWritten) && !ordered(c.w_tid, c.w_bar, c.w_wsync, t, b))
@@ -130,8 +138,8 @@ void shared_access(Region& r, size_t off, size_t bytes, bool write, const Thread
       c.flags = kWritten;
     } else {
       if (!(c.flags & kWritten))
-        fail("reads byte %zu of %s, which nothing has written (uninitialised shared memory)", i,
-             region_name(r));
+        fail("reads %s, which nothing has written (uninitialised shared memory)",
+             shared_byte(r, i));
       if (!ordered(c.w_tid, c.w_bar, c.w_wsync, t, b)) race("read after write", r, i, c.w_tid);
       if (!(c.flags & kRead) || c.r_bar != b.bar) {
         c.r_tid = static_cast<uint16_t>(t.tid);

@@ -121,13 +121,19 @@ std::string waits_summary(const Block& b) {
   return s;
 }
 
-// Completes the barrier if every live thread waits at it.
+// Completes the barrier if every thread of the block waits at it. A thread that exited
+// before it never will: __syncthreads must be reached by the whole block (the CUDA
+// programming guide), so that is reported like any other divergence.
 void try_release_barrier(Block& b) {
   const char* file = nullptr;
   int line = 0;
+  int exited = 0;
   for (int i = 0; i < b.nthreads; ++i) {
     const Thread& t = (*b.threads)[i];
-    if (t.state == ThreadState::kExited) continue;
+    if (t.state == ThreadState::kExited) {
+      ++exited;
+      continue;
+    }
     if (t.state != ThreadState::kBarrier) return;
     if (file == nullptr) {
       file = t.wait_file;
@@ -139,6 +145,13 @@ void try_release_barrier(Block& b) {
     }
   }
   if (file == nullptr) return;
+  if (exited > 0) {
+    fail(
+        "barrier divergence: threads wait at the __syncthreads of %s:%d that exited threads "
+        "never reach (%s)",
+        file, line, waits_summary(b).c_str());
+    return;
+  }
   ++b.bar;
   for (int i = 0; i < b.nthreads; ++i) {
     Thread& t = (*b.threads)[i];

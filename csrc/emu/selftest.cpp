@@ -78,6 +78,13 @@ __global__ void barrier_divergence_kernel(float* out) {
   out[threadIdx.x] = 1.f;
 }
 
+// The second warp returns; the first waits at a __syncthreads it never reaches.
+__global__ void barrier_after_exit_kernel(float* out) {
+  if (threadIdx.x >= 32) return;
+  __syncthreads();
+  out[threadIdx.x] = 1.f;
+}
+
 // Half a warp calls a full-mask shuffle; the other half returns.
 __global__ void warp_divergence_kernel(float* out) {
   if (threadIdx.x >= 16) return;
@@ -175,7 +182,8 @@ std::vector<std::string> selftest_names() {
           "smem_without_optin",
           "global_race",
           "global_atomics",
-          "ldg_written"};
+          "ldg_written",
+          "barrier_after_exit"};
 }
 
 // Runs one self-test kernel; returns (the executor's report, or "" if none; the output).
@@ -201,6 +209,8 @@ std::pair<std::string, std::vector<float>> selftest(const std::string& name) {
             name == "cp_async_waited" ? 1 : 0);
   } else if (name == "barrier_divergence") {
     r = run("barrier_divergence_kernel", barrier_divergence_kernel, 1, 64, 0, in, 64);
+  } else if (name == "barrier_after_exit") {
+    r = run("barrier_after_exit_kernel", barrier_after_exit_kernel, 1, 64, 0, in, 64);
   } else if (name == "warp_divergence") {
     r = run("warp_divergence_kernel", warp_divergence_kernel, 1, 32, 0, in, 32);
   } else if (name == "reduce") {
