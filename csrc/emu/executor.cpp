@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include <map>
+#include <mutex>
 #include <string>
 #include <utility>
 
@@ -31,9 +32,19 @@ constexpr size_t kStackBytes = 256 * 1024;
 
 thread_local cudaError_t t_last_error = cudaSuccess;
 thread_local std::string t_last_message;
-std::map<const void*, int>& max_dynamic_shared() {
-  static std::map<const void*, int> m;
-  return m;
+// cudaFuncSetAttribute limits, per kernel, shared by every host thread (as on a device).
+std::mutex g_attr_mutex;
+std::map<const void*, int> g_max_dynamic_shared;
+
+void set_max_dynamic_shared(const void* func, int value) {
+  std::lock_guard<std::mutex> lock(g_attr_mutex);
+  g_max_dynamic_shared[func] = value;
+}
+
+int max_dynamic_shared(const void* func) {
+  std::lock_guard<std::mutex> lock(g_attr_mutex);
+  auto it = g_max_dynamic_shared.find(func);
+  return it == g_max_dynamic_shared.end() ? kDefaultSharedBytes : it->second;
 }
 
 struct StackPool {
@@ -387,7 +398,7 @@ cudaError_t func_set_attribute(const void* func, int attr, int value) {
     t_last_message = "llada-emu: cudaFuncSetAttribute: invalid attribute or value";
     return cudaErrorInvalidValue;
   }
-  max_dynamic_shared()[func] = value;
+  set_max_dynamic_shared(func, value);
   return cudaSuccess;
 }
 
@@ -406,9 +417,7 @@ void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_
     config_error(buf);
     return;
   }
-  int allowed = kDefaultSharedBytes;
-  auto it = max_dynamic_shared().find(kernel);
-  if (it != max_dynamic_shared().end()) allowed = it->second;
+  const int allowed = max_dynamic_shared(kernel);
   if (smem > static_cast<size_t>(allowed)) {
     snprintf(buf, sizeof(buf),
              "%s: %zu bytes of dynamic shared memory requested, %d allowed (raise the limit "
