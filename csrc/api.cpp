@@ -598,9 +598,6 @@ llada_status llada_remask(const llada_tensor* logits, const llada_tensor* uncond
     return set_error(LLADA_ERROR_INVALID_ARGUMENT,
                      "offset: window [%lld, %lld) does not fit in x of length %lld",
                      (long long)rp.offset, (long long)(rp.offset + W), (long long)L);
-  if (rp.mask_id < 0)
-    return set_error(LLADA_ERROR_INVALID_ARGUMENT, "mask_id must be >= 0, got %lld",
-                     (long long)rp.mask_id);
   if (rp.strategy < LLADA_REMASK_LOW_CONFIDENCE || rp.strategy > LLADA_REMASK_ENTROPY)
     return set_error(LLADA_ERROR_INVALID_ARGUMENT, "strategy: unknown value %d", rp.strategy);
   if (!(rp.temperature >= 0.f) || !isfinite(rp.temperature))

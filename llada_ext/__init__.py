@@ -6,7 +6,12 @@ parallel confidence remasking) live in a C/C++/CUDA library with a plain C ABI
 """
 
 import ctypes as _ctypes
+import logging as _logging
 import os as _os
+
+# Library messages go to the "llada_ext" logger tree (one logger per module); the
+# application decides where they appear. The llada-ext CLI shows INFO and above on stderr.
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 
 def _preload_openblas() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -991,6 +992,17 @@ def _oom_message() -> str:
     )
 
 
+def _show_library_messages(debug: bool) -> None:
+    """The library logs (``llada_ext.*`` loggers); the CLI shows those messages on stderr."""
+    log = logging.getLogger("llada_ext")
+    if not any(getattr(h, "_llada_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._llada_cli = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``llada-ext`` command line.
 
@@ -1018,6 +1030,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     debug = getattr(args, "debug", False) or os.environ.get("LLADA_DEBUG") == "1"
+    _show_library_messages(debug)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

@@ -45,6 +45,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from . import _C
+from ._renamed import refuse_renamed_attention_args
 
 __all__ = ["attention", "masked_cross_entropy", "remask", "REMASK_STRATEGIES"]
 
@@ -382,10 +383,11 @@ def attention(
     q: Array,
     k: Array,
     v: Array,
-    key_padding_mask: Optional[Array] = None,
+    key_mask: Optional[Array] = None,
     *,
     scale: Optional[float] = None,
     return_lse: bool = False,
+    **renamed: object,
 ) -> Union[Array, tuple[Array, Array]]:
     """Non-causal multi-head attention (forward only) on DLPack arrays.
 
@@ -395,8 +397,9 @@ def attention(
         Queries ``[B, Sq, Hq, D]``. CPU: float32 or bfloat16; CUDA: float16 or bfloat16.
     k, v : array
         Keys and values ``[B, Sk, Hkv, D]``, q's dtype and device, ``Hq % Hkv == 0``.
-    key_padding_mask : array, optional
-        bool ``[B, Sk]``; True = this key is attended. None attends every key.
+    key_mask : array, optional
+        bool ``[B, Sk]``; True = this key is attended. None attends every key. The former
+        name ``key_padding_mask`` raises a TypeError (see ``llada_ext.attention``).
     scale : float, optional
         Multiplier of ``q . k``; defaults to ``D ** -0.5``.
     return_lse : bool
@@ -408,6 +411,7 @@ def attention(
     array or (array, array)
         ``out [B, Sq, Hq, D]`` in q's dtype (and ``lse``), of q's array library.
     """
+    refuse_renamed_attention_args(renamed)
     call = _Call(q, "q")
     be = call.be
     q, k, v = call.arg(q, "q"), call.arg(k, "k"), call.arg(v, "v")
@@ -432,12 +436,12 @@ def attention(
     if D == 0:
         raise ValueError("q: head dimension must be > 0")
     mask = None
-    if key_padding_mask is not None:
-        mask = call.arg(key_padding_mask, "key_padding_mask")
+    if key_mask is not None:
+        mask = call.arg(key_mask, "key_mask")
         if _dtype_name(mask) != "bool":
-            raise TypeError(f"key_padding_mask: expected dtype bool, got {_dtype_name(mask)}")
+            raise TypeError(f"key_mask: expected dtype bool, got {_dtype_name(mask)}")
         if tuple(mask.shape) != (B, Sk):
-            raise ValueError(f"key_padding_mask: expected shape {(B, Sk)}, got {tuple(mask.shape)}")
+            raise ValueError(f"key_mask: expected shape {(B, Sk)}, got {tuple(mask.shape)}")
         mask = be.prepare(mask, inner=False)
     scale = float(D) ** -0.5 if scale is None else _finite(scale, "scale")
     q, k, v = (be.prepare(a, inner=True) for a in (q, k, v))
@@ -606,8 +610,8 @@ def remask(
             f"offset: the window [{offset}, {offset + W}) does not fit in x of length {L}"
         )
     mask_id = _int(mask_id, "mask_id")
-    if not 0 <= mask_id < V:
-        raise ValueError(f"mask_id: {mask_id} is outside the vocabulary [0, {V})")
+    if not -(2**63) <= mask_id < 2**63:
+        raise ValueError(f"mask_id: {mask_id} is not an int64 token id")
     if not isinstance(strategy, str) or strategy not in REMASK_STRATEGIES:
         raise ValueError(f"strategy: expected one of {sorted(REMASK_STRATEGIES)}, got {strategy!r}")
     temperature = _finite(temperature, "temperature")

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _C
+from ._renamed import refuse_renamed_attention_args
 from ._views import opt_view, stream_of, view
 
 __all__ = [
@@ -101,7 +102,7 @@ def _eager(t: Tensor) -> bool:
 
 @torch.library.custom_op("llada_ext::attention_fwd", mutates_args=())
 def _attention_fwd(
-    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], scale: float
+    q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale: float
 ) -> tuple[Tensor, Tensor]:
     B, Sq, Hq, D = q.shape
     out = torch.empty((B, Sq, Hq, D), dtype=q.dtype, device=q.device)
@@ -110,7 +111,7 @@ def _attention_fwd(
         view(q),
         view(k),
         view(v),
-        opt_view(key_padding_mask),
+        opt_view(key_mask),
         scale,
         view(out),
         view(lse),
@@ -120,7 +121,7 @@ def _attention_fwd(
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, key_padding_mask, scale):
+def _(q, k, v, key_mask, scale):
     B, Sq, Hq, D = q.shape
     return q.new_empty((B, Sq, Hq, D)), q.new_empty((B, Hq, Sq), dtype=torch.float32)
 
@@ -130,7 +131,7 @@ def _attention_bwd(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    key_padding_mask: Optional[Tensor],
+    key_mask: Optional[Tensor],
     out: Tensor,
     dout: Tensor,
     lse: Tensor,
@@ -145,7 +146,7 @@ def _attention_bwd(
         view(q),
         view(k),
         view(v),
-        opt_view(key_padding_mask),
+        opt_view(key_mask),
         view(out),
         view(dout),
         view(lse),
@@ -161,25 +162,23 @@ def _attention_bwd(
 
 
 @_attention_bwd.register_fake
-def _(q, k, v, key_padding_mask, out, dout, lse, scale):
+def _(q, k, v, key_mask, out, dout, lse, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, key_padding_mask, scale = inputs
+    q, k, v, key_mask, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, key_padding_mask, out, lse)
+    ctx.save_for_backward(q, k, v, key_mask, out, lse)
     ctx.scale = scale
     ctx.mark_non_differentiable(lse)
 
 
 def _attention_backward(ctx, dout, dlse):
-    q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
+    q, k, v, key_mask, out, lse = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _attention_bwd(
-        q, k, v, key_padding_mask, out, _inner_contiguous(dout), lse, ctx.scale
-    )
+    dq, dk, dv = _attention_bwd(q, k, v, key_mask, out, _inner_contiguous(dout), lse, ctx.scale)
     return dq, dk, dv, None, None
 
 
@@ -190,12 +189,13 @@ def attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    key_padding_mask: Optional[Tensor] = None,
+    key_mask: Optional[Tensor] = None,
     *,
     scale: Optional[float] = None,
     return_lse: bool = False,
+    **renamed: object,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
-    """Non-causal multi-head attention with GQA/MQA and a per-row key padding mask.
+    """Non-causal multi-head attention with GQA/MQA and a per-row key mask.
 
     Parameters
     ----------
@@ -205,8 +205,12 @@ def attention(
         Keys and values ``[B, Sk, Hkv, D]`` of q's dtype and device; ``Hq % Hkv == 0``
         (query head ``h`` attends with key/value head ``h // (Hq // Hkv)``). Sk may differ
         from Sq. Any strides on the batch, sequence and head dimensions.
-    key_padding_mask : Tensor, optional
-        bool ``[B, Sk]``; True = this key is attended. None attends every key.
+    key_mask : Tensor, optional
+        bool ``[B, Sk]``; True = this key is attended (the polarity of SDPA's boolean mask and
+        of Hugging Face's ``attention_mask``). None attends every key. A masked key is never
+        read: NaN or inf in its K/V rows cannot reach the output. The former name
+        ``key_padding_mask`` raises a TypeError: ``nn.MultiheadAttention`` uses that name with
+        the opposite polarity (True = ignore).
     scale : float, optional
         Multiplier of ``q . k``; defaults to ``D ** -0.5``.
     return_lse : bool
@@ -219,6 +223,7 @@ def attention(
         ``out [B, Sq, Hq, D]`` in q's dtype (a query whose keys are all masked gets zeros and
         zero gradients), and ``lse`` when asked. Differentiable w.r.t. q, k and v.
     """
+    refuse_renamed_attention_args(renamed)
     q, k, v = _tensor(q, "q"), _tensor(k, "k"), _tensor(v, "v")
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
         if t.dim() != 4:
@@ -247,18 +252,16 @@ def attention(
         raise ValueError(
             f"q: head dimension {D} is not supported on CUDA (a multiple of 8, at most 256)"
         )
-    if key_padding_mask is not None:
-        key_padding_mask = _tensor(key_padding_mask, "key_padding_mask")
-        _same_device(key_padding_mask, "key_padding_mask", q, "q")
-        if key_padding_mask.dtype != torch.bool:
-            raise TypeError(f"key_padding_mask: expected dtype bool, got {key_padding_mask.dtype}")
-        if tuple(key_padding_mask.shape) != (B, Sk):
-            raise ValueError(
-                f"key_padding_mask: expected shape {(B, Sk)}, got {tuple(key_padding_mask.shape)}"
-            )
+    if key_mask is not None:
+        key_mask = _tensor(key_mask, "key_mask")
+        _same_device(key_mask, "key_mask", q, "q")
+        if key_mask.dtype != torch.bool:
+            raise TypeError(f"key_mask: expected dtype bool, got {key_mask.dtype}")
+        if tuple(key_mask.shape) != (B, Sk):
+            raise ValueError(f"key_mask: expected shape {(B, Sk)}, got {tuple(key_mask.shape)}")
     scale = float(D) ** -0.5 if scale is None else _finite(scale, "scale")
     out, lse = _attention_fwd(
-        _inner_contiguous(q), _inner_contiguous(k), _inner_contiguous(v), key_padding_mask, scale
+        _inner_contiguous(q), _inner_contiguous(k), _inner_contiguous(v), key_mask, scale
     )
     return (out, lse) if return_lse else out
 
@@ -326,9 +329,20 @@ _masked_ce_fwd.register_autograd(_masked_ce_backward, setup_context=_masked_ce_s
 
 
 def _check_ce_targets(
-    logits_shape: torch.Size, targets: Tensor, weights: Tensor, device_ref: Tensor, vocab: int
+    logits_shape: torch.Size,
+    targets: Tensor,
+    weights: Tensor,
+    device_ref: Tensor,
+    vocab: int,
+    ignore_index: int,
 ) -> tuple[Tensor, Tensor]:
-    """Shared validation of (targets, weights) against [..., V] logits or [..., d] hidden."""
+    """Shared validation of (targets, weights) against [..., V] logits or [..., d] hidden.
+
+    Returns flat (targets, weights) with the weight of every row whose target is
+    ignore_index set to 0, so that the kernels skip those rows like any other of weight 0.
+    """
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
     targets = _tensor(targets, "targets")
     weights = _tensor(weights, "weights")
     _same_device(targets, "targets", device_ref, "logits")
@@ -342,33 +356,50 @@ def _check_ce_targets(
         raise ValueError(f"targets: expected shape {lead}, got {tuple(targets.shape)}")
     if tuple(weights.shape) != lead:
         raise ValueError(f"weights: expected shape {lead}, got {tuple(weights.shape)}")
+    weights = torch.where(targets == ignore_index, torch.zeros_like(weights), weights)
     if _eager(targets) and targets.numel() > 0:
         active = weights != 0
         bad = active & ((targets < 0) | (targets >= vocab))
         if bool(bad.any()):
-            raise ValueError(f"targets: values must lie in [0, {vocab}) where weights != 0")
+            raise ValueError(
+                f"targets: values must lie in [0, {vocab}) where weights != 0 "
+                f"(or equal ignore_index={ignore_index})"
+            )
         if not bool(torch.isfinite(weights).all()):
             raise ValueError("weights: must be finite")
     return targets.reshape(-1), weights.reshape(-1)
 
 
-def _reduce(loss: Tensor, lead: tuple, reduction: str) -> Tensor:
+def _reduce(loss: Tensor, weights: Tensor, lead: tuple, reduction: str) -> Tensor:
+    """Applies the reduction to per-row losses; "mean" divides by the rows not skipped."""
     loss = loss.view(lead)
-    return loss.sum() if reduction == "sum" else loss
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    return total / (weights != 0).sum().clamp_min(1).to(total.dtype)
 
 
 def _check_reduction(reduction: str) -> None:
-    if reduction not in ("sum", "none"):
-        raise ValueError(f"reduction: expected 'sum' or 'none', got {reduction!r}")
+    if reduction not in ("sum", "mean", "none"):
+        raise ValueError(f"reduction: expected 'sum', 'mean' or 'none', got {reduction!r}")
 
 
 def masked_cross_entropy(
-    logits: Tensor, targets: Tensor, weights: Tensor, *, reduction: str = "sum"
+    logits: Tensor,
+    targets: Tensor,
+    weights: Tensor,
+    *,
+    reduction: str = "sum",
+    ignore_index: int = -100,
 ) -> Tensor:
     """Cross-entropy with per-token weights; rows of weight 0 cost nothing.
 
     ``loss_i = weights_i * (logsumexp(logits_i) - logits_i[targets_i])``, accumulated in
-    float32. Rows with ``weights_i == 0`` are never read: loss 0 and gradient 0.
+    float32. Rows with ``weights_i == 0`` or ``targets_i == ignore_index`` are skipped: never
+    read, loss 0 and gradient 0. With weights of 1, ``reduction="mean"`` equals
+    ``F.cross_entropy(logits, targets, ignore_index=ignore_index)``.
 
     Parameters
     ----------
@@ -376,11 +407,14 @@ def masked_cross_entropy(
         ``[..., V]``, float32, bfloat16 or float16 (any strides; the last dimension is made
         contiguous if it is not).
     targets : Tensor
-        int64 ``[...]``, in ``[0, V)`` where the weight is nonzero.
+        int64 ``[...]``, in ``[0, V)`` where the weight is nonzero, or ``ignore_index``.
     weights : Tensor
         float32 ``[...]`` (e.g. ``1 / p_mask`` on masked tokens, 0 elsewhere).
-    reduction : {"sum", "none"}
-        "sum" returns a float32 scalar, "none" float32 ``[...]``.
+    reduction : {"sum", "mean", "none"}
+        "sum" returns a float32 scalar; "mean" that sum divided by the number of rows not
+        skipped (0 when every row is skipped); "none" float32 ``[...]``.
+    ignore_index : int
+        Target value whose rows are skipped, as in ``F.cross_entropy``.
 
     Returns
     -------
@@ -395,10 +429,10 @@ def masked_cross_entropy(
     V = logits.shape[-1]
     if V == 0:
         raise ValueError("logits: the vocabulary dimension must be > 0")
-    t, w = _check_ce_targets(logits.shape, targets, weights, logits, V)
+    t, w = _check_ce_targets(logits.shape, targets, weights, logits, V, ignore_index)
     lead = tuple(logits.shape[:-1])
     loss, _ = _masked_ce_fwd(_inner_contiguous(logits).reshape(-1, V), t, w)
-    return _reduce(loss, lead, reduction)
+    return _reduce(loss, w, lead, reduction)
 
 
 # ---------------------------------------------------------------------------------------
@@ -504,6 +538,7 @@ def linear_masked_cross_entropy(
     weights: Tensor,
     *,
     reduction: str = "sum",
+    ignore_index: int = -100,
     chunk_rows: int = 0,
 ) -> Tensor:
     """LM head fused with :func:`masked_cross_entropy`, never holding ``[N, V]`` logits.
@@ -524,8 +559,10 @@ def linear_masked_cross_entropy(
         int64 ``[...]``.
     weights : Tensor
         float32 ``[...]``.
-    reduction : {"sum", "none"}
+    reduction : {"sum", "mean", "none"}
         As in :func:`masked_cross_entropy`.
+    ignore_index : int
+        As in :func:`masked_cross_entropy`: those rows are skipped.
     chunk_rows : int
         Rows of logits per chunk; 0 picks about 64M logits per chunk.
 
@@ -554,7 +591,7 @@ def linear_masked_cross_entropy(
     if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 0:
         raise ValueError(f"chunk_rows: expected an int >= 0, got {chunk_rows!r}")
     V = weight.shape[0]
-    t, w = _check_ce_targets(hidden.shape, targets, weights, hidden, V)
+    t, w = _check_ce_targets(hidden.shape, targets, weights, hidden, V, ignore_index)
     if hidden.dtype != weight.dtype:
         dev = hidden.device.type
         if torch.is_autocast_enabled(dev):
@@ -565,7 +602,7 @@ def linear_masked_cross_entropy(
     lead = tuple(hidden.shape[:-1])
     h2 = hidden.reshape(-1, hidden.shape[-1])
     loss, _ = _linear_ce_fwd(h2, weight, t, w, chunk_rows)
-    return _reduce(loss, lead, reduction)
+    return _reduce(loss, w, lead, reduction)
 
 
 # ---------------------------------------------------------------------------------------
@@ -781,8 +818,8 @@ def _remask_args(
         )
     if isinstance(mask_id, bool) or not isinstance(mask_id, int):
         raise TypeError(f"mask_id: expected an int, got {type(mask_id).__name__}")
-    if not 0 <= mask_id < V:
-        raise ValueError(f"mask_id: {mask_id} is outside the vocabulary [0, {V})")
+    if not -(2**63) <= mask_id < 2**63:
+        raise ValueError(f"mask_id: {mask_id} is not an int64 token id")
     if not isinstance(strategy, str) or strategy not in REMASK_STRATEGIES:
         raise ValueError(f"strategy: expected one of {sorted(REMASK_STRATEGIES)}, got {strategy!r}")
     temperature = _finite(temperature, "temperature")
@@ -869,7 +906,8 @@ def remask(
     num_transfer : int or Tensor
         Tokens to unmask per row (int, or integer tensor ``[B]``).
     mask_id : int
-        The mask token id, in ``[0, V)``.
+        The mask token id: any int64 token id of x. It need not be a class of the logits
+        (e.g. ``mask_id == V`` when the model never predicts it).
     offset : int
         Start of the window in x.
     strategy : {"low_confidence", "random", "margin", "entropy"}

@@ -24,7 +24,7 @@ def attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    key_padding_mask: Optional[torch.Tensor] = None,
+    key_mask: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch attention computed in q's dtype (float64 inputs give the reference).
@@ -36,7 +36,7 @@ def attention_ref(
     k, v : Tensor
         ``[B, Sk, Hkv, D]`` with ``Hq % Hkv == 0``; query head h uses kv head
         ``h // (Hq // Hkv)``.
-    key_padding_mask : Tensor, optional
+    key_mask : Tensor, optional
         bool ``[B, Sk]``, True = attended.
     scale : float, optional
         Defaults to ``D ** -0.5``.
@@ -53,11 +53,11 @@ def attention_ref(
     k = k.repeat_interleave(group, dim=2)
     v = v.repeat_interleave(group, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    if key_padding_mask is None:
+    if key_mask is None:
         has_key = torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
     else:
-        s = s.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
-        has_key = key_padding_mask.any(dim=1)
+        s = s.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        has_key = key_mask.any(dim=1)
     lse = torch.logsumexp(s, dim=-1)
     # A row without any attended key: softmax would be 0/0. Give it finite scores so no NaN
     # appears (not even in the backward), then zero its probabilities.
@@ -236,6 +236,45 @@ def test_fully_masked_rows(device, which):
     assert (dq[1] == 0).all() and (dk[1] == 0).all() and (dv[1] == 0).all()
     padded = ~mask[:, :, None, None].expand_as(dk)
     assert (dk[padded] == 0).all() and (dv[padded] == 0).all()
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=_DTYPE_IDS)
+def test_masked_keys_are_never_read(device, which):
+    """NaN and inf in the K/V rows of masked keys reach neither the output nor any gradient:
+    the result is the one with zeros there, and those keys get zero dk/dv. Sk spans several
+    key blocks, one of them partly masked."""
+    dtype = _DTYPES[device][which]
+    B, Sq, Sk, Hq, Hkv, D = 2, 17, 300, 4, 2, 32
+    q = torch.randn(B, Sq, Hq, D, device=device, dtype=dtype)
+    k = torch.randn(B, Sk, Hkv, D, device=device, dtype=dtype)
+    v = torch.randn(B, Sk, Hkv, D, device=device, dtype=dtype)
+    mask = _mask(B, Sk, device)
+    poisoned_k, poisoned_v = k.clone(), v.clone()
+    poisoned_k[~mask] = float("nan")
+    poisoned_v[~mask] = float("inf")
+    dout = torch.randn(B, Sq, Hq, D, device=device, dtype=dtype)
+    results = []
+    for kk, vv in ((poisoned_k, poisoned_v), (k.masked_fill(~mask[..., None, None], 0), v)):
+        qs, ks, vs = (t.detach().clone().requires_grad_(True) for t in (q, kk, vv))
+        out = lx.attention(qs, ks, vs, key_mask=mask)
+        out.backward(dout)
+        results.append((out, qs.grad, ks.grad, vs.grad))
+    for got, clean in zip(results[0], results[1]):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, clean, rtol=0, atol=0)
+    assert (results[0][2][~mask] == 0).all() and (results[0][3][~mask] == 0).all()
+
+
+def test_key_padding_mask_is_refused_with_the_rename(device):
+    """The former argument name is a TypeError that explains the rename and its polarity;
+    key_mask works by keyword and positionally."""
+    q = torch.randn(1, 3, 2, 8, device=device, dtype=_DTYPES[device][1])
+    mask = torch.tensor([[True, False, True]], device=device)
+    with pytest.raises(TypeError, match="renamed to key_mask.*True = attend.*opposite"):
+        lx.attention(q, q, q, key_padding_mask=mask)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bias'"):
+        lx.attention(q, q, q, bias=None)
+    assert torch.equal(lx.attention(q, q, q, key_mask=mask), lx.attention(q, q, q, mask))
 
 
 def test_all_keys_masked_everywhere(device):

@@ -785,7 +785,6 @@ def test_remask_bad_arguments(capi):
     for field, value in [
         ("offset", 4),
         ("offset", -1),
-        ("mask_id", -3),
         ("strategy", 4),
         ("strategy", -1),
         ("temperature", -1.0),
@@ -798,6 +797,9 @@ def test_remask_bad_arguments(capi):
         _expect(capi, rm.run(capi), INVALID)
         setattr(rm.params, field, old)
         assert rm.untouched()
+    # mask_id is any token id of x (a negative one just matches no candidate here)
+    rm.params.mask_id = -3
+    assert rm.run(capi) == OK
     rm.params.has_threshold, rm.params.threshold = 1, math.nan
     _expect(capi, rm.run(capi), INVALID)
     rm.params.has_threshold = 0
@@ -1292,7 +1294,7 @@ def test_dlpack_bad_input():
     with pytest.raises(ValueError, match="offset"):
         dl.remask(logits, x, 1, mask_id=6, offset=3)
     with pytest.raises(ValueError, match="mask_id"):
-        dl.remask(logits, x, 1, mask_id=7)
+        dl.remask(logits, x, 1, mask_id=2**63)
     with pytest.raises(ValueError, match="strategy"):
         dl.remask(logits, x, 1, mask_id=6, strategy="greedy")
     with pytest.raises(ValueError, match="num_transfer"):
@@ -1323,8 +1325,10 @@ def test_dlpack_bad_input():
         dl.attention(q, k, k)
     with pytest.raises(TypeError, match="q"):
         dl.attention(q.astype(np.float16), k.astype(np.float16), k.astype(np.float16))
-    with pytest.raises(TypeError, match="key_padding_mask"):
+    with pytest.raises(TypeError, match="key_mask"):
         dl.attention(q, q, q, np.ones((1, 3), np.int64))
+    with pytest.raises(TypeError, match="renamed to key_mask.*opposite"):
+        dl.attention(q, q, q, key_padding_mask=np.ones((1, 3), bool))
     with pytest.raises(ValueError, match="scale"):
         dl.attention(q, q, q, scale=math.nan)
 

@@ -56,7 +56,7 @@ def test_forward_backward_match_reference(dtype: torch.dtype, d: int, shape: tup
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [64, 128])
-def test_key_padding_mask(dtype: torch.dtype, d: int) -> None:
+def test_key_mask(dtype: torch.dtype, d: int) -> None:
     q, k, v = inputs(3, 50, 91, 4, 2, d, dtype, seed=5)
     mask = random_mask(3, 91, seed=6, p_keep=0.5, device="cpu")
     emu_forward_backward(q, k, v, mask, 0.37)

@@ -324,3 +324,13 @@ def test_masked_ce_large_vocab_bf16():
     ref_loss, ref_grad = ref_masked_ce(logits, targets, weights)
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-2, atol=1e-6)
+
+
+def test_remask_mask_id_outside_the_vocabulary_matches_cpu():
+    """mask_id == V (not a class of the logits) on both devices."""
+    B, L, W, V = 2, 20, 16, 300
+    logits, x = remask_case(B, L, W, V, 0, torch.float32, 31, noncontig=False)
+    x[torch.rand(B, L, generator=torch.Generator().manual_seed(32)) < 0.5] = V
+    (xc, x0c, cc), (xd, x0d, cd) = remask_cpu_and_emu(logits, x, 4, 3, mask_id=V, offset=2)
+    assert torch.equal(x0c, x0d) and torch.equal(xc, xd)
+    assert ((x == V).sum() - (xd == V).sum()).item() == 8

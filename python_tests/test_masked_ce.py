@@ -76,6 +76,79 @@ def test_float32_matches_float64(device, lead, V):
     torch.testing.assert_close(grad.cpu().double(), ref_grad, rtol=1e-5, atol=2e-7)
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+@pytest.mark.parametrize("ignore_index", [-100, 3])
+def test_uniform_weights_are_f_cross_entropy(device, reduction, ignore_index):
+    """With weights of 1, masked_cross_entropy is F.cross_entropy: the same ignore_index
+    rule (those rows are skipped: loss 0, gradient 0) and the same "mean" (the sum over the
+    rows not ignored, divided by their number)."""
+    logits, targets, _ = make_case((3, 7), 101, device)
+    targets[0, :4] = ignore_index
+    targets[2, 6] = ignore_index
+    weights = torch.ones(targets.shape, device=device)
+    x = logits.detach().clone().requires_grad_(True)
+    loss = lx.masked_cross_entropy(
+        x, targets, weights, reduction=reduction, ignore_index=ignore_index
+    )
+    loss.backward(torch.ones_like(loss))
+    xr = logits.detach().double().clone().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(
+        xr.reshape(-1, 101), targets.reshape(-1), ignore_index=ignore_index, reduction=reduction
+    )
+    ref = ref.reshape(3, 7) if reduction == "none" else ref
+    ref.backward(torch.ones_like(ref))
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-5, atol=1e-7)
+    ignored = targets == ignore_index
+    assert (x.grad[ignored] == 0).all()
+
+
+def test_ignored_rows_are_not_read(device):
+    """A row whose target is ignore_index is skipped like a row of weight 0: NaN in it never
+    reaches the loss or the gradient, whatever its weight."""
+    logits, targets, weights = make_case((4, 5), 64, device, zero_frac=0.0)
+    targets[1, 2] = -100
+    logits[1, 2] = float("nan")
+    x = logits.detach().clone().requires_grad_(True)
+    loss = lx.masked_cross_entropy(x, targets, weights, reduction="none")
+    loss.sum().backward()
+    assert loss[1, 2] == 0 and torch.isfinite(loss).all()
+    assert (x.grad[1, 2] == 0).all() and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_mean_with_every_row_skipped_is_zero(device, fused):
+    """reduction="mean" over no active row is 0 (not 0/0), with a zero gradient."""
+    x = torch.randn(2, 3, 8, device=device, requires_grad=True)
+    targets = torch.full((2, 3), -100, device=device)
+    weights = torch.ones(2, 3, device=device)
+    weights[0, 0] = 0.0
+    if fused:
+        w = torch.randn(11, 8, device=device, requires_grad=True)
+        loss = lx.linear_masked_cross_entropy(x, w, targets, weights, reduction="mean")
+    else:
+        loss = lx.masked_cross_entropy(x, targets, weights, reduction="mean")
+    loss.backward()
+    assert loss.item() == 0.0 and (x.grad == 0).all()
+
+
+def test_weighted_mean_divides_by_rows_not_skipped(device):
+    """mean = (sum of weighted row losses) / (rows with weight != 0 and target not ignored),
+    for the plain and the fused loss alike."""
+    hidden = torch.randn(4, 6, 16, device=device)
+    head = torch.randn(50, 16, device=device) * 0.3
+    targets = torch.randint(0, 50, (4, 6), device=device)
+    weights = torch.rand(4, 6, device=device) * 2 + 0.5
+    weights[0] = 0.0
+    targets[1, :3] = -100
+    rows = ((weights != 0) & (targets != -100)).sum().item()
+    none = lx.masked_cross_entropy(hidden @ head.T, targets, weights, reduction="none")
+    mean = lx.masked_cross_entropy(hidden @ head.T, targets, weights, reduction="mean")
+    fused = lx.linear_masked_cross_entropy(hidden, head, targets, weights, reduction="mean")
+    torch.testing.assert_close(mean, none.sum() / rows)
+    torch.testing.assert_close(fused, mean, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_reductions(device, reduction):
     logits, targets, weights = make_case((2, 9), 257, device)
@@ -325,7 +398,9 @@ def test_bad_inputs_name_the_argument(device):
     with pytest.raises(ValueError, match="targets"):
         lx.masked_cross_entropy(logits, torch.full((4,), 10).to(device), w)
     with pytest.raises(ValueError, match="reduction"):
-        lx.masked_cross_entropy(logits, t, w, reduction="mean")
+        lx.masked_cross_entropy(logits, t, w, reduction="avg")
+    with pytest.raises(TypeError, match="ignore_index"):
+        lx.masked_cross_entropy(logits, t, w, ignore_index=1.5)
     with pytest.raises(TypeError, match="logits"):
         lx.masked_cross_entropy(logits.double(), t, w)
     # Out-of-range targets on weight-0 rows are never looked at.

@@ -659,8 +659,8 @@ def test_details_and_inplace(device):
         ({"num_transfer": 1.5}, TypeError, "num_transfer"),
         ({"num_transfer": "float_tensor"}, TypeError, "num_transfer"),
         ({"num_transfer": "wrong_shape"}, ValueError, "num_transfer"),
-        ({"mask_id": 40}, ValueError, "mask_id"),
-        ({"mask_id": -1}, ValueError, "mask_id"),
+        ({"mask_id": 2**63}, ValueError, "mask_id"),
+        ({"mask_id": "7"}, TypeError, "mask_id"),
         ({"offset": 10}, ValueError, "offset"),
         ({"temperature": -0.5}, ValueError, "temperature"),
         ({"temperature": float("nan")}, ValueError, "temperature"),
@@ -691,3 +691,20 @@ def test_bad_inputs_name_the_argument(device, kwargs, exc, name):
     logits, x, k = args.pop("logits"), args.pop("x"), args.pop("num_transfer")
     with pytest.raises(exc, match=name):
         lx.remask(logits, x, k, **args)
+
+
+@pytest.mark.parametrize("mask_id", [40, -1])  # the vocabulary size itself, and a negative id
+def test_mask_id_need_not_be_a_class(device, mask_id):
+    """mask_id is a token id of x: it need not be a class of the logits."""
+    B, L, W, V, offset = 2, 12, 8, 40, 2
+    logits = torch.randn(B, W, V)
+    x = torch.randint(0, V, (B, L))
+    x[:, offset : offset + 6] = mask_id
+    out, x0, conf = lx.remask(
+        logits.to(device), x.to(device), 3, mask_id=mask_id, offset=offset, return_details=True
+    )
+    out, x0, conf = out.cpu(), x0.cpu(), conf.cpu()
+    cand = x[:, offset : offset + W] == mask_id
+    assert torch.equal(x0[cand], logits.argmax(-1)[cand])
+    assert torch.isneginf(conf[~cand]).all() and torch.isfinite(conf[cand]).all()
+    assert ((out == mask_id).sum(1) == cand.sum(1) - 3).all()

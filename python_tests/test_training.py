@@ -316,7 +316,7 @@ def _dummy_batch(t: Trainer):
     return ids, ids, w
 
 
-def test_sigint_stops_after_the_current_step(tmp_path, monkeypatch) -> None:
+def test_sigint_stops_after_the_current_step(tmp_path, monkeypatch, caplog) -> None:
     t = make_trainer(tmp_path / "s", backend="torch", steps=10)
     real_step = t._train_step
 
@@ -330,6 +330,11 @@ def test_sigint_stops_after_the_current_step(tmp_path, monkeypatch) -> None:
     r = t.train()
     assert r.interrupted and r.step == 2
     assert load_checkpoint(r.checkpoint)["step"] == 2
+    # the library logs (llada_ext.training.trainer), it does not print
+    assert any(
+        rec.name == "llada_ext.training.trainer" and "--resume" in rec.getMessage()
+        for rec in caplog.records
+    )
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
 

@@ -120,6 +120,41 @@ inline int64_t key_block_bias(const AttnFwdParams& p, int64_t b, int64_t k0, int
   return active;
 }
 
+// K and V rows of one key block (kv head kvh, keys k0 .. k0 + nk) as float rows for the tile
+// products. When the block has masked keys (active < nk) their rows are zeroed instead of
+// read: a masked key is never read, so NaN or inf there cannot reach a product (0 * NaN
+// would be NaN even where the softmax weight is exactly 0).
+struct KVRows {
+  const float* K;
+  const float* V;
+  int64_t ldk, ldv;
+};
+
+template <typename T>
+inline const float* load_key_rows(const T* first, int64_t row_stride, int64_t nk, int64_t D,
+                                  const float* bias, bool any_masked, float* buf, int64_t* ld) {
+  if (!any_masked) return load_rows(first, row_stride, nk, D, buf, ld);
+  for (int64_t r = 0; r < nk; ++r) {
+    float* dst = buf + r * D;
+    const T* src = first + r * row_stride;
+    for (int64_t d = 0; d < D; ++d) dst[d] = bias[r] == 0.f ? to_float(src[d]) : 0.f;
+  }
+  *ld = D;
+  return buf;
+}
+
+template <typename T>
+inline KVRows load_kv(const AttnFwdParams& p, int64_t b, int64_t k0, int64_t kvh, int64_t nk,
+                      const float* bias, int64_t active, float* kbuf, float* vbuf) {
+  KVRows kv;
+  const bool masked = active < nk;
+  kv.K = load_key_rows(row_ptr<T>(p.k, p.k_st, b, k0, kvh), p.k_st.s, nk, p.D, bias, masked, kbuf,
+                       &kv.ldk);
+  kv.V = load_key_rows(row_ptr<T>(p.v, p.v_st, b, k0, kvh), p.v_st.s, nk, p.D, bias, masked, vbuf,
+                       &kv.ldv);
+  return kv;
+}
+
 // The tile grid: query blocks of `bq` rows and key blocks of `bk` keys, both starting at 0.
 // The forward and both backward passes use the very same grid and the same product calls
 // per tile. That is what makes the backward's recomputed scores bit-identical to the
@@ -228,11 +263,9 @@ llada_status attention_fwd_impl(const AttnFwdParams& p) {
         const int64_t nk = std::min(BK, Sk - k0);
         const int64_t active = key_block_bias(p, b, k0, nk, bias);
         if (active == 0) continue;  // a fully padded block adds nothing to any row
-        int64_t ldk, ldv;
-        const float* K =
-            load_rows(row_ptr<T>(p.k, p.k_st, b, k0, kvh), p.k_st.s, nk, D, kbuf, &ldk);
-        const float* V =
-            load_rows(row_ptr<T>(p.v, p.v_st, b, k0, kvh), p.v_st.s, nk, D, vbuf, &ldv);
+        const KVRows kv = load_kv<T>(p, b, k0, kvh, nk, bias, active, kbuf, vbuf);
+        const float *K = kv.K, *V = kv.V;
+        const int64_t ldk = kv.ldk, ldv = kv.ldv;
 
         sgemm(false, true, nq, nk, D, p.scale, Q, ldq, K, ldk, 0.f, S, nk);
 
@@ -371,16 +404,15 @@ llada_status attention_bwd_impl(const AttnBwdParams& p) {
         const int64_t b = task / (n_kblocks * Hkv);
         const int64_t k0 = kb * BK;
         const int64_t nk = std::min(BK, Sk - k0);
-        if (key_block_bias(f, b, k0, nk, bias) == 0) {  // padded keys get zero gradients
+        const int64_t active = key_block_bias(f, b, k0, nk, bias);
+        if (active == 0) {  // padded keys get zero gradients
           zero_rows<T>(p.dk, p.dk_st, b, k0, kvh, nk, D);
           zero_rows<T>(p.dv, p.dv_st, b, k0, kvh, nk, D);
           continue;
         }
-        int64_t ldk, ldv;
-        const float* K =
-            load_rows(row_ptr<T>(f.k, f.k_st, b, k0, kvh), f.k_st.s, nk, D, kbuf, &ldk);
-        const float* V =
-            load_rows(row_ptr<T>(f.v, f.v_st, b, k0, kvh), f.v_st.s, nk, D, vbuf, &ldv);
+        const KVRows kv = load_kv<T>(f, b, k0, kvh, nk, bias, active, kbuf, vbuf);
+        const float *K = kv.K, *V = kv.V;
+        const int64_t ldk = kv.ldk, ldv = kv.ldv;
         for (int64_t i = 0; i < nk * D; ++i) dK[i] = dV[i] = 0.f;
 
         for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
@@ -440,12 +472,11 @@ llada_status attention_bwd_impl(const AttnBwdParams& p) {
         if (qb.any_active) {
           for (int64_t k0 = 0; k0 < Sk; k0 += BK) {
             const int64_t nk = std::min(BK, Sk - k0);
-            if (key_block_bias(f, b, k0, nk, bias) == 0) continue;
-            int64_t ldk, ldv;
-            const float* K =
-                load_rows(row_ptr<T>(f.k, f.k_st, b, k0, kvh), f.k_st.s, nk, D, kbuf, &ldk);
-            const float* V =
-                load_rows(row_ptr<T>(f.v, f.v_st, b, k0, kvh), f.v_st.s, nk, D, vbuf, &ldv);
+            const int64_t active = key_block_bias(f, b, k0, nk, bias);
+            if (active == 0) continue;
+            const KVRows kv = load_kv<T>(f, b, k0, kvh, nk, bias, active, kbuf, vbuf);
+            const float *K = kv.K, *V = kv.V;
+            const int64_t ldk = kv.ldk, ldv = kv.ldv;
             tile_dS(qb, K, ldk, V, ldv, bias, Di, L, nq, nk, D, scale, P, dS);
             sgemm(false, false, nq, D, nk, scale, dS, nk, K, ldk, 1.f, dQ, D);
           }

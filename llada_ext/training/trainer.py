@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -60,6 +61,8 @@ from .schedule import make_wsd_scheduler
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "param_groups"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -504,9 +507,11 @@ class Trainer:
         result.step = self.step
         result.checkpoint = self.last_checkpoint
         if result.interrupted and self.info.is_main:
-            print(
-                f"Interrupted at step {self.step}; checkpoint saved to {self.last_checkpoint}. "
-                "Run again with --resume to continue."
+            logger.warning(
+                "Interrupted at step %d; checkpoint saved to %s. Run again with --resume to "
+                "continue.",
+                self.step,
+                self.last_checkpoint,
             )
         return result
 

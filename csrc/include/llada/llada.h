@@ -160,7 +160,7 @@ typedef enum llada_remask_strategy {
 } llada_remask_strategy;
 
 typedef struct llada_remask_params {
-  int64_t mask_id;
+  int64_t mask_id;       /* candidates: x == mask_id; any value (need not be a logits class) */
   int64_t offset;        /* window start in x: logits[:, j] predicts x[:, offset + j] */
   int32_t strategy;      /* llada_remask_strategy */
   int32_t has_threshold; /* 0: top-k selection; 1: threshold selection with k as minimum */
