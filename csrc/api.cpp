@@ -52,11 +52,7 @@ bool is_float16ish(int32_t dt) {
   return dt == LLADA_FLOAT16 || dt == LLADA_BFLOAT16;
 }
 
-// The CPU executor build (LLADA_EMU, csrc/emu) runs the CUDA kernels on host memory and checks
-// every global access of a kernel against the tensors of the C call that launched it: each
-// validated tensor is noted with its byte extent. CallScope clears the notes when a public
-// entry point starts (entry points that call each other keep them).
-#if defined(LLADA_EMU)
+// Bytes per element of a dtype.
 size_t dtype_size(int32_t dt) {
   switch (dt) {
     case LLADA_FLOAT16:
@@ -69,6 +65,11 @@ size_t dtype_size(int32_t dt) {
   }
 }
 
+// The CPU executor build (LLADA_EMU, csrc/emu) runs the CUDA kernels on host memory and checks
+// every global access of a kernel against the tensors of the C call that launched it: each
+// validated tensor is noted with its byte extent. CallScope clears the notes when a public
+// entry point starts (entry points that call each other keep them).
+#if defined(LLADA_EMU)
 void note_extent(const llada_tensor* t, const char* name) {
   int64_t lo = 0, hi = 0;
   for (int i = 0; i < t->ndim; ++i) {
@@ -98,6 +99,24 @@ struct CallScope {
   } while (0)
 #endif
 
+// True when the element count and the byte span of a non-empty view fit in int64, so that
+// no size or offset computed from it (here or in a kernel) can overflow.
+bool extent_fits(const llada_tensor* t) {
+  int64_t numel = 1, span = 0;
+  for (int i = 0; i < t->ndim; ++i) {
+    const int64_t st = t->strides[i];
+    if (st == INT64_MIN) return false;
+    int64_t reach;
+    if (__builtin_mul_overflow(numel, t->shape[i], &numel) ||
+        __builtin_mul_overflow(t->shape[i] - 1, st < 0 ? -st : st, &reach) ||
+        __builtin_add_overflow(span, reach, &span))
+      return false;
+  }
+  int64_t bytes;
+  return !__builtin_add_overflow(span, int64_t(1), &span) &&
+         !__builtin_mul_overflow(span, static_cast<int64_t>(dtype_size(t->dtype)), &bytes);
+}
+
 // Structural checks shared by every tensor argument.
 llada_status check_view(const llada_tensor* t, const char* name, int ndim) {
   if (t == nullptr) return set_error(LLADA_ERROR_INVALID_ARGUMENT, "%s: null tensor pointer", name);
@@ -109,14 +128,19 @@ llada_status check_view(const llada_tensor* t, const char* name, int ndim) {
                      t->device_type);
   if (t->dtype < LLADA_FLOAT32 || t->dtype > LLADA_BOOL)
     return set_error(LLADA_ERROR_UNSUPPORTED_DTYPE, "%s: unknown dtype %d", name, t->dtype);
-  int64_t numel = 1;
+  bool empty = false;
   for (int i = 0; i < ndim; ++i) {
     if (t->shape[i] < 0)
       return set_error(LLADA_ERROR_INVALID_ARGUMENT, "%s: negative size %lld in dimension %d", name,
                        (long long)t->shape[i], i);
-    numel *= t->shape[i];
+    empty |= t->shape[i] == 0;
   }
-  if (numel > 0 && t->data == nullptr)
+  if (empty) return LLADA_OK;  // nothing is read or written
+  if (!extent_fits(t))
+    return set_error(LLADA_ERROR_INVALID_ARGUMENT,
+                     "%s: its shape and strides address more than 2^63 bytes (size overflow)",
+                     name);
+  if (t->data == nullptr)
     return set_error(LLADA_ERROR_INVALID_ARGUMENT, "%s: null data pointer", name);
 #if defined(LLADA_EMU)
   note_extent(t, name);
@@ -594,10 +618,11 @@ llada_status llada_remask(const llada_tensor* logits, const llada_tensor* uncond
     return set_error(LLADA_ERROR_INVALID_ARGUMENT,
                      "x_out: an in-place update must use x's own strides");
   const llada_remask_params& rp = *params;
-  if (rp.offset < 0 || rp.offset + W > L)
+  if (rp.offset < 0 || W > L || rp.offset > L - W)  // written so that nothing can overflow
     return set_error(LLADA_ERROR_INVALID_ARGUMENT,
-                     "offset: window [%lld, %lld) does not fit in x of length %lld",
-                     (long long)rp.offset, (long long)(rp.offset + W), (long long)L);
+                     "offset: a window of %lld positions at offset %lld does not fit in x of "
+                     "length %lld",
+                     (long long)W, (long long)rp.offset, (long long)L);
   if (rp.strategy < LLADA_REMASK_LOW_CONFIDENCE || rp.strategy > LLADA_REMASK_ENTROPY)
     return set_error(LLADA_ERROR_INVALID_ARGUMENT, "strategy: unknown value %d", rp.strategy);
   if (!(rp.temperature >= 0.f) || !isfinite(rp.temperature))
