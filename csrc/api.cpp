@@ -117,6 +117,20 @@ bool extent_fits(const llada_tensor* t) {
          !__builtin_mul_overflow(span, static_cast<int64_t>(dtype_size(t->dtype)), &bytes);
 }
 
+// True when two elements of a non-empty 2-D view may share memory: a stride of 0 on a
+// dimension of size > 1, or an outer stride shorter than the inner dimension's span.
+bool overlaps_itself_2d(const llada_tensor* t) {
+  int64_t size[2] = {t->shape[0], t->shape[1]};
+  int64_t st[2] = {t->strides[0] < 0 ? -t->strides[0] : t->strides[0],
+                   t->strides[1] < 0 ? -t->strides[1] : t->strides[1]};
+  if (size[0] == 0 || size[1] == 0) return false;
+  const int inner = st[0] <= st[1] ? 0 : 1, outer = 1 - inner;
+  if (size[inner] > 1 && st[inner] == 0) return true;
+  if (size[outer] <= 1) return false;
+  if (size[inner] <= 1) return st[outer] == 0;
+  return st[outer] / size[inner] < st[inner];  // st[outer] < size[inner] * st[inner]
+}
+
 // Structural checks shared by every tensor argument.
 llada_status check_view(const llada_tensor* t, const char* name, int ndim) {
   if (t == nullptr) return set_error(LLADA_ERROR_INVALID_ARGUMENT, "%s: null tensor pointer", name);
@@ -613,10 +627,14 @@ llada_status llada_remask(const llada_tensor* logits, const llada_tensor* uncond
   LLADA_TRY(check_dtype(confidence, "confidence", LLADA_FLOAT32));
   LLADA_TRY(check_shape(confidence, "confidence", 0, B));
   LLADA_TRY(check_shape(confidence, "confidence", 1, W));
-  if (x_out->data == x->data &&
+  if (numel(x) > 0 && x_out->data == x->data &&
       (x_out->strides[0] != x->strides[0] || x_out->strides[1] != x->strides[1]))
     return set_error(LLADA_ERROR_INVALID_ARGUMENT,
                      "x_out: an in-place update must use x's own strides");
+  if (overlaps_itself_2d(x_out))
+    return set_error(LLADA_ERROR_INVALID_ARGUMENT,
+                     "x_out: its elements share memory (a zero or overlapping stride, e.g. from "
+                     "expand); writing it would change several positions at once");
   const llada_remask_params& rp = *params;
   if (rp.offset < 0 || W > L || rp.offset > L - W)  // written so that nothing can overflow
     return set_error(LLADA_ERROR_INVALID_ARGUMENT,

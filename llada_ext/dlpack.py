@@ -633,7 +633,8 @@ def remask(
     if isinstance(num_transfer, (int, np.integer)) and not isinstance(num_transfer, bool):
         if num_transfer < 0:
             raise ValueError(f"num_transfer: must be >= 0, got {num_transfer}")
-        nt = be.full((B,), int(num_transfer), "int64")
+        # More than W means every candidate: any int is accepted (clamped to W).
+        nt = be.full((B,), min(int(num_transfer), W), "int64")
     elif isinstance(num_transfer, bool):
         raise TypeError("num_transfer: expected an int or an integer array [B], got bool")
     else:

@@ -85,6 +85,18 @@ def _inner_contiguous(t: Tensor) -> Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
+def _has_internal_overlap(t: Tensor) -> bool:
+    """True when two elements of t may share memory (a zero stride on a dimension of size
+    > 1, or dimensions whose strides interleave), the cases torch refuses for in-place ops."""
+    dims = sorted((abs(st), n) for st, n in zip(t.stride(), t.shape) if n > 1)
+    span = 0  # largest offset reachable through the dimensions seen so far
+    for stride, n in dims:
+        if stride <= span:
+            return True
+        span += (n - 1) * stride
+    return False
+
+
 def _eager(t: Tensor) -> bool:
     """True when value checks that read t's data may run: eager mode on a CPU tensor.
 
@@ -600,7 +612,7 @@ def linear_masked_cross_entropy(
             dtype = torch.promote_types(hidden.dtype, weight.dtype)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     lead = tuple(hidden.shape[:-1])
-    h2 = hidden.reshape(-1, hidden.shape[-1])
+    h2 = hidden.reshape(math.prod(lead), hidden.shape[-1])  # d may be 0: logits are then 0
     loss, _ = _linear_ce_fwd(h2, weight, t, w, chunk_rows)
     return _reduce(loss, w, lead, reduction)
 
@@ -852,7 +864,10 @@ def _remask_args(
     elif isinstance(num_transfer, int) and not isinstance(num_transfer, bool):
         if num_transfer < 0:
             raise ValueError(f"num_transfer: must be >= 0, got {num_transfer}")
-        num_transfer = torch.full((B,), num_transfer, dtype=torch.int64, device=logits.device)
+        # More than W means every candidate (a row has at most W): any int is accepted.
+        num_transfer = torch.full(
+            (B,), min(num_transfer, W), dtype=torch.int64, device=logits.device
+        )
     else:
         raise TypeError(
             f"num_transfer: expected an int or an integer tensor [B], "
@@ -904,7 +919,8 @@ def remask(
         int64 ``[B, L]`` current sequence; positions equal to ``mask_id`` in the window are the
         candidates. Not modified.
     num_transfer : int or Tensor
-        Tokens to unmask per row (int, or integer tensor ``[B]``).
+        Tokens to unmask per row (int, or integer tensor ``[B]``); at most the row's
+        candidates are unmasked, so any int >= W (however large) means all of them.
     mask_id : int
         The mask token id: any int64 token id of x. It need not be a class of the logits
         (e.g. ``mask_id == V`` when the model never predicts it).
@@ -968,7 +984,16 @@ def remask_(
     cfg_scale: float = 0.0,
     return_details: bool = False,
 ) -> Union[Tensor, tuple[Tensor, Tensor, Tensor]]:
-    """In-place twin of :func:`remask`: updates and returns ``x`` itself."""
+    """In-place twin of :func:`remask`: updates and returns ``x`` itself.
+
+    ``x`` must own its elements: rows that share memory (``expand``, zero strides) raise a
+    ValueError naming ``x``, as torch does for in-place ops on expanded tensors.
+    """
+    if isinstance(x, Tensor) and x.dim() == 2 and _has_internal_overlap(x):
+        raise ValueError(
+            "x: several of its elements share memory (e.g. an expanded tensor), so an in-place "
+            "update would change them all; pass x.clone() or x.contiguous()"
+        )
     args = _remask_args(
         logits,
         x,

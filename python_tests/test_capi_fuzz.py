@@ -148,3 +148,14 @@ def test_fuzz_helpers_reach_every_op(lib):
     assert ce.fwd(lib) == 0 and ce.bwd(lib) == 0 and rm.run(lib) == 0
     assert _attn_fwd(lib, _attn_arrays(rng)) == 0
     assert ctypes.sizeof(tv(ce.logits)) > 0
+
+
+def test_remask_output_rows_sharing_memory_are_refused(lib):
+    """x_out whose rows share memory (stride 0) would have its windows written several
+    times over: refused, naming x_out, before any kernel runs."""
+    rm = RM(np.random.default_rng(4))
+    out = tv(rm.x_out)
+    out.strides[0] = 0
+    msg = _expect(lib, rm.run(lib, x_out=out), INVALID)
+    assert "x_out" in msg and "share memory" in msg
+    assert rm.untouched()

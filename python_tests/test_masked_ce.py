@@ -8,6 +8,8 @@ the error of the same formula evaluated by plain PyTorch in that precision.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -408,3 +410,15 @@ def test_bad_inputs_name_the_argument(device):
     t0 = torch.tensor([1, -5, 2, 99]).to(device)
     out = lx.masked_cross_entropy(logits, t0, w0, reduction="none")
     assert out[1].item() == 0 and out[3].item() == 0
+
+
+def test_linear_with_hidden_size_zero(device):
+    """d = 0: every logit is 0, so each weighted row costs w * log V; gradients are empty."""
+    hidden = torch.randn(2, 3, 0, device=device, requires_grad=True)
+    head = torch.randn(7, 0, device=device, requires_grad=True)
+    targets = torch.randint(0, 7, (2, 3), device=device)
+    weights = torch.rand(2, 3, device=device) + 0.5
+    loss = lx.linear_masked_cross_entropy(hidden, head, targets, weights)
+    loss.backward()
+    torch.testing.assert_close(loss, weights.sum() * math.log(7))
+    assert hidden.grad.shape == hidden.shape and head.grad.shape == head.shape

@@ -708,3 +708,32 @@ def test_mask_id_need_not_be_a_class(device, mask_id):
     assert torch.equal(x0[cand], logits.argmax(-1)[cand])
     assert torch.isneginf(conf[~cand]).all() and torch.isfinite(conf[cand]).all()
     assert ((out == mask_id).sum(1) == cand.sum(1) - 3).all()
+
+
+def test_inplace_on_rows_sharing_memory_is_refused(device):
+    """remask_ on an expanded x (rows that share memory) would fill every row's masks at
+    once: a ValueError naming x, and x unchanged."""
+    x = torch.full((1, 6), 5).expand(3, 6).to(device)
+    if device == "cuda":
+        x = x[:1].expand(3, 6)
+    before = x.clone()
+    with pytest.raises(ValueError, match="x: several of its elements share memory"):
+        lx.remask_(torch.randn(3, 4, 9).to(device), x, 1, mask_id=5)
+    assert torch.equal(x, before)
+
+
+def test_empty_non_contiguous_inputs_give_empty_results(device):
+    logits = torch.empty(0, 8, 9, device=device)[:, ::2]
+    x = torch.empty(0, 12, dtype=torch.int64, device=device)[:, ::2]
+    out, x0, conf = lx.remask(logits, x, 1, mask_id=5, return_details=True)
+    assert out.shape == (0, 6) and x0.shape == (0, 4) and conf.shape == (0, 4)
+
+
+@pytest.mark.parametrize("k", [2**63, 2**200])
+def test_huge_num_transfer_means_every_candidate(device, k):
+    """An int beyond int64 is not an error: it unmasks every candidate, like k = W."""
+    logits = torch.randn(3, 4, 9).to(device)
+    x = torch.full((3, 6), 9).to(device)  # mask id 9 = V: no prediction equals it
+    expect = lx.remask(logits, x, 4, mask_id=9, offset=1)
+    assert torch.equal(lx.remask(logits, x, k, mask_id=9, offset=1), expect)
+    assert (expect[:, 1:5] != 9).all() and (expect[:, [0, 5]] == 9).all()
