@@ -857,7 +857,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         # one recording for all batches: batches of the same shape replay it
         options["cuda_graphs"] = SamplerGraphs()
     chat = _chat_enabled(args.chat, tokenizer, tok_folder)
-    mask_id = int(model.config.mask_token_id)
+    from .model import config_token_id
+
+    mask_id = config_token_id(model.config, "mask_token_id", None, "mask_id", "sampling")
     pad_id = int(tokenizer.eos_token_id)
     encoded = [_prompt_ids(tokenizer, text, chat) for text in prompts]
     for i, ids in enumerate(encoded):

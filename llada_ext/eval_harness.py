@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from llada_ext.likelihood import log_likelihood
+from llada_ext.model import config_token_id
 from llada_ext.sampling.core import _finite_float, _positive_int, check_schedule, left_pad
 from llada_ext.sampling.decode import truncate_at_eos
 
@@ -156,7 +157,9 @@ class LLaDAEvalAdapter:
         self.respect_max_gen_toks = bool(respect_max_gen_toks)
         self.add_bos = bool(add_bos)
         self.progress = bool(progress)
-        self.mask_id = int(model.config.mask_token_id)
+        self.mask_id = config_token_id(
+            getattr(model, "config", None), "mask_token_id", None, "mask_id", "the evaluator"
+        )
         eos = getattr(tokenizer, "eos_token_id", None)
         if eos is None:
             raise ValueError("tokenizer must have an eos_token_id (used for padding and stops)")

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .model import config_token_id
+
 __all__ = ["log_likelihood", "score_choices", "stratified_mask"]
 
 
@@ -147,8 +149,9 @@ def log_likelihood(
     answer = _as_1d_ids(answer_ids, "answer_ids")
     if answer.numel() == 0:
         raise ValueError("answer_ids must hold at least one token")
-    if mask_id is None:
-        mask_id = int(model.config.mask_token_id)
+    mask_id = config_token_id(
+        getattr(model, "config", None), "mask_token_id", mask_id, "mask_id", "the likelihood"
+    )
 
     from llada_ext.ops import linear_masked_cross_entropy
 

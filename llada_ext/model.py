@@ -37,12 +37,31 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .model_files import (
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    check_against_config,
+    read_header,
+    shard_files,
+)
+
 __all__ = ["KVCache", "LLaDAConfig", "LLaDAModel", "ModelOutput"]
 
 CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+_SPECIAL_IDS = ("mask_token_id", "eos_token_id", "bos_token_id", "pad_token_id", "eot_token_id")
+# Upper bounds of the config sizes: far above any published model (LLaDA-8B: d_model 4096,
+# 32 layers, MLP 12288, vocabulary 126464), low enough that a hostile config.json cannot make
+# the constructor build for minutes or overflow a storage size.
+_SIZE_LIMITS = {
+    "d_model": 1 << 16,
+    "n_layers": 1 << 10,
+    "n_heads": 1 << 10,
+    "n_kv_heads": 1 << 10,
+    "mlp_hidden_size": 1 << 20,
+    "vocab_size": 1 << 24,
+    "max_sequence_length": 1 << 24,
+}
 _WEIGHT_FILE = re.compile(r"model\.safetensors|model-\d{5}-of-\d{5}\.safetensors")
 BACKENDS = ("kernels", "torch")
 
@@ -50,6 +69,25 @@ BACKENDS = ("kernels", "torch")
 # --------------------------------------------------------------------------------------------
 # configuration
 # --------------------------------------------------------------------------------------------
+
+
+def config_token_id(config: object, attr: str, given: int | None, name: str, why: str) -> int:
+    """The special token id `given` if not None, else ``config.<attr>``.
+
+    Raises
+    ------
+    ValueError
+        Naming `name`, when neither is set (a config may have no mask, EOS, ... id: a small
+        model's config.json written by the Hugging Face code has ``bos_token_id: null``).
+    """
+    if given is not None:
+        return given  # type and range are checked where the ids are used
+    value = getattr(config, attr, None) if config is not None else None
+    if value is None:
+        raise ValueError(f"{name} is required for {why} (the model config has no {attr})")
+    return int(value)
+
+
 @dataclass
 class LLaDAConfig:
     """Hyper-parameters of a LLaDA mask predictor.
@@ -68,8 +106,9 @@ class LLaDAConfig:
         Longest sequence the model was trained for (informational; RoPE has no table).
     rope_theta, rms_norm_eps : float
         RoPE base and RMSNorm epsilon.
-    mask_token_id, eos_token_id, bos_token_id, pad_token_id : int
-        Special ids. In LLaDA the EOS token doubles as padding.
+    mask_token_id, eos_token_id, bos_token_id, pad_token_id : int or None
+        Special ids; None when the model has no such token. In LLaDA the EOS token doubles
+        as padding (a missing pad id is the EOS id).
     eot_token_id : int or None
         End-of-turn id of the chat template, if any.
     initializer_range : float
@@ -85,10 +124,10 @@ class LLaDAConfig:
     max_sequence_length: int = 4096
     rope_theta: float = 500000.0
     rms_norm_eps: float = 1e-5
-    mask_token_id: int = 126336
-    eos_token_id: int = 126081
-    bos_token_id: int = 126080
-    pad_token_id: int = 126081
+    mask_token_id: int | None = 126336
+    eos_token_id: int | None = 126081
+    bos_token_id: int | None = 126080
+    pad_token_id: int | None = 126081
     eot_token_id: int | None = 126348
     initializer_range: float = 0.02
 
@@ -105,6 +144,12 @@ class LLaDAConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"LLaDAConfig.{name} must be a positive int, got {value!r}")
+            if value > _SIZE_LIMITS[name]:
+                raise ValueError(
+                    f"LLaDAConfig.{name}={value} is beyond the supported maximum "
+                    f"{_SIZE_LIMITS[name]} (a config from elsewhere is checked before anything "
+                    "is built)"
+                )
         if self.d_model % self.n_heads != 0:
             raise ValueError(
                 f"LLaDAConfig.d_model ({self.d_model}) must be divisible by n_heads "
@@ -117,15 +162,9 @@ class LLaDAConfig:
             )
         if self.head_dim % 2 != 0:
             raise ValueError(f"LLaDAConfig head_dim ({self.head_dim}) must be even for RoPE")
-        for name in (
-            "mask_token_id",
-            "eos_token_id",
-            "bos_token_id",
-            "pad_token_id",
-            "eot_token_id",
-        ):
+        for name in _SPECIAL_IDS:
             value = getattr(self, name)
-            if value is None and name == "eot_token_id":
+            if value is None:  # the model has no such token
                 continue
             if not isinstance(value, int) or not 0 <= value < self.vocab_size:
                 raise ValueError(
@@ -266,11 +305,17 @@ class LLaDAConfig:
         vocab = kwargs.get("vocab_size", cls.vocab_size)
         if emb is not None and emb > vocab:
             kwargs["vocab_size"] = emb
-        if kwargs.get("n_kv_heads") is None and "n_kv_heads" in kwargs:
+        if kwargs.get("n_kv_heads") is None:  # missing or null: multi-head attention
             kwargs["n_kv_heads"] = kwargs.get("n_heads", cls.n_heads)
-        if "eot_token_id" not in kwargs and kwargs.get("vocab_size", vocab) <= cls.eot_token_id:
-            # the published config has no EoT key and LLaDA-8B's id only fits its vocabulary
-            kwargs["eot_token_id"] = None
+        final_vocab = kwargs.get("vocab_size", vocab)
+        for key in _SPECIAL_IDS:
+            # A missing id takes LLaDA-8B's only where it fits the vocabulary; else the model
+            # has none (the Hugging Face code writes bos_token_id: null for small models).
+            if key not in kwargs and getattr(cls, key) is not None:
+                if not (isinstance(final_vocab, int) and getattr(cls, key) < final_vocab):
+                    kwargs[key] = None
+        if kwargs.get("pad_token_id", cls.pad_token_id) is None:
+            kwargs["pad_token_id"] = kwargs.get("eos_token_id", cls.eos_token_id)
         for key in ("rope_theta", "rms_norm_eps", "initializer_range"):
             if key in kwargs:
                 kwargs[key] = float(kwargs[key])
@@ -655,7 +700,7 @@ class LLaDAModel(nn.Module):
         ValueError
             Malformed config/index, missing or unexpected weights, or wrong shapes.
         """
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         folder = Path(folder)
         if not folder.is_dir():
@@ -673,36 +718,25 @@ class LLaDAModel(nn.Module):
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         device = torch.device("cpu" if device is None else device)
 
-        shard_files = _shard_files(folder)
+        # Everything the folder declares is checked before a module is built or a byte of
+        # tensor data is read: shard names, headers, and config.json against the headers.
+        files = shard_files(folder)
+        check_against_config({f: read_header(f) for f in files}, config, folder)
         with torch.device("meta"):
             model = cls(config, backend=backend)
-        expected = {k: tuple(p.shape) for k, p in model.state_dict().items()}
 
         state: dict[str, torch.Tensor] = {}
-        for shard in shard_files:
-            # safetensors wants "cuda:N" spelled out; torch.device gives that via str()
-            with safe_open(str(shard), framework="pt", device=str(device)) as f:
-                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    if name not in expected:
-                        raise ValueError(
-                            f"unexpected weight {name!r} in {shard.name}; this "
-                            "does not look like a LLaDA checkpoint"
-                        )
-                    if name in state:
-                        raise ValueError(f"weight {name!r} appears in more than one shard")
-                    tensor = f.get_tensor(name)
-                    if tuple(tensor.shape) != expected[name]:
-                        raise ValueError(
-                            f"weight {name!r} has shape {tuple(tensor.shape)}, "
-                            f"config.json implies {expected[name]}"
-                        )
-                    if dtype is not None and tensor.dtype != dtype:
-                        tensor = tensor.to(dtype)  # one tensor at a time: no second model copy
-                    state[name] = tensor
-        missing = sorted(set(expected) - set(state))
-        if missing:
-            more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-            raise ValueError(f"checkpoint {str(folder)!r} lacks weights {missing[:5]}{more}")
+        for shard in files:
+            try:
+                # safetensors wants "cuda:N" spelled out; torch.device gives that via str()
+                with safe_open(str(shard), framework="pt", device=str(device)) as f:
+                    for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                        tensor = f.get_tensor(name)
+                        if dtype is not None and tensor.dtype != dtype:
+                            tensor = tensor.to(dtype)  # one at a time: no second model copy
+                        state[name] = tensor
+            except (OSError, RuntimeError, SafetensorError) as e:
+                raise ValueError(f"{str(shard)!r} could not be read: {e}") from e
         target = state["model.transformer.wte.weight"].dtype
         for name, tensor in state.items():
             if tensor.dtype != target:
@@ -794,32 +828,3 @@ class LLaDAModel(nn.Module):
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _shard_files(folder: Path) -> list[Path]:
-    """The safetensors files of a checkpoint folder, validated against the index if any."""
-    index_path = folder / WEIGHTS_INDEX_NAME
-    single = folder / WEIGHTS_NAME
-    if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text())
-            weight_map = index["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(
-                f"{str(index_path)!r} is not a valid safetensors index "
-                "(expected a JSON object with a 'weight_map' dict)"
-            ) from e
-        files = []
-        for fname in dict.fromkeys(weight_map.values()):
-            path = folder / fname
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"shard {fname!r} named in {WEIGHTS_INDEX_NAME} is missing from {str(folder)!r}"
-                )
-            files.append(path)
-        return files
-    if single.is_file():
-        return [single]
-    raise FileNotFoundError(f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {str(folder)!r}")

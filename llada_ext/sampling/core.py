@@ -68,6 +68,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..model import config_token_id
 from .graphs import SamplerGraphs
 from .select import DEMOTED, select_transfer
 
@@ -140,15 +141,6 @@ def _finite_float(value: object, name: str, *, minimum: float | None = None) -> 
         bound = f" >= {minimum:g}" if minimum is not None else ""
         raise ValueError(f"{name} must be a finite float{bound}, got {value!r}")
     return value
-
-
-def _config_id(config: object, attr: str, given: int | None, name: str, why: str) -> int:
-    if given is not None:
-        return given  # type and range are checked with the other ids
-    value = getattr(config, attr, None) if config is not None else None
-    if value is None:
-        raise ValueError(f"{name} is required for {why} (the model config has no {attr})")
-    return int(value)
 
 
 def check_schedule(gen_length: object, steps: object, block_length: object) -> int:
@@ -499,9 +491,9 @@ def generate(
     if cache != "none" and not has_hidden:
         raise ValueError("cache='prefix'/'dual' needs an LLaDAModel (forward_hidden + lm_head)")
     config = getattr(model, "config", None)
-    mask_id = _config_id(config, "mask_token_id", mask_id, "mask_id", "a model")
+    mask_id = config_token_id(config, "mask_token_id", mask_id, "mask_id", "a model")
     if forbid_eos or zero_eos_confidence or eos_early_stop:
-        eos_id = _config_id(config, "eos_token_id", eos_id, "eos_id", "the EOS options")
+        eos_id = config_token_id(config, "eos_token_id", eos_id, "eos_id", "the EOS options")
     if zero_eos_confidence and eot_id is None:
         eot_id = getattr(config, "eot_token_id", None) if config is not None else None
     vocab = getattr(config, "vocab_size", None) if config is not None else None

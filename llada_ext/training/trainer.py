@@ -50,6 +50,7 @@ from .distributed import (
 from .losses import (
     EPS,
     MaskedLMObjective,
+    _mask_id,
     build_pretrain_batch,
     build_sft_batch,
     cut_length,
@@ -316,7 +317,7 @@ class Trainer:
         self.model.train()
         if config.gradient_checkpointing:
             self.model.gradient_checkpointing = True
-        self.mask_id = int(self.model.config.mask_token_id)
+        self.mask_id = _mask_id(self.model, None)
         self.bf16 = config.precision == "bf16" or (
             config.precision == "auto" and self.device.type == "cuda"
         )
