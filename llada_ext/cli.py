@@ -39,6 +39,11 @@ def _add_model_loading(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", metavar="FOLDER", help="tokenizer folder (default: --model)")
 
 
+# Longest sequence the CLI accepts (--seq-len, prompt + --gen-length): far beyond any LLaDA
+# model, small enough that the size is refused before anything is allocated.
+MAX_TOKENS = 1 << 20
+
+
 def _add_common_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--device",
@@ -716,8 +721,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     sft = args.objective == "sft"
     if not args.data and not args.hf_dataset:
         raise CLIError("no training data: pass --data FILE... and/or --hf-dataset NAME")
-    if args.seq_len < 2:
-        raise CLIError(f"--seq-len must be >= 2, got {args.seq_len}")
+    if not 2 <= args.seq_len <= MAX_TOKENS:
+        raise CLIError(f"--seq-len must lie in [2, {MAX_TOKENS}], got {args.seq_len}")
     if args.init_from is not None and not Path(args.init_from).is_dir():
         raise CLIError(f"--init-from folder not found: {args.init_from!r}")
     tok_folder = args.tokenizer
@@ -987,7 +992,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------
-def _oom_message() -> str:
+def _oom_message(cpu: bool = False) -> str:
+    if cpu:
+        return (
+            "error: out of CPU memory. Use a smaller model, --batch-size, --seq-len or "
+            "--gen-length, or a machine with more memory."
+        )
     return (
         "error: CUDA out of memory. Reduce --batch-size or --seq-len (use --grad-accum to keep "
         "the batch), or try --gradient-checkpointing, --precision bf16, or --fsdp with torchrun."
@@ -1046,23 +1056,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             import torch
 
-            oom = isinstance(e, torch.cuda.OutOfMemoryError) or (
-                isinstance(e, RuntimeError) and "out of memory" in str(e)
+            cuda_oom = isinstance(e, torch.cuda.OutOfMemoryError) or (
+                isinstance(e, RuntimeError) and "CUDA out of memory" in str(e)
             )
         except ImportError:  # pragma: no cover - torch is a dependency
-            oom = False
-        if oom:
+            cuda_oom = False
+        if cuda_oom:
             print(_oom_message(), file=sys.stderr)
+            return 1
+        if isinstance(e, MemoryError) or (
+            isinstance(e, RuntimeError)
+            and ("can't allocate memory" in str(e) or "out of memory" in str(e))
+        ):
+            print(_oom_message(cpu=True), file=sys.stderr)
             return 1
         # one line, whatever the message looks like
         msg = " ".join(str(e).split("\n"))
         if isinstance(e, (CLIError, DataError, FileNotFoundError, ValueError, PermissionError)):
             print(f"error: {msg}", file=sys.stderr)
             return 1
-        if isinstance(e, (TypeError, OSError)):
-            print(f"error: {type(e).__name__}: {msg}", file=sys.stderr)
-            return 1
-        raise
+        # Anything else is still one line (the traceback is --debug's)
+        print(f"error: {type(e).__name__}: {msg[:2000]}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # torchrun -m llada_ext.cli ... / python -m llada_ext.cli

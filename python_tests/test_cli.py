@@ -556,6 +556,8 @@ def test_sample_bad_options_are_one_line_errors(trained, monkeypatch, capsys) ->
         (["--cuda-graphs"], "CUDA device"),
         (["--steps", "3"], "steps"),
         (["--prompt", ""], "prompt number 2 is empty"),
+        (["--gen-length", "1000000000", "--block-length", "1000000000"], "gen_length"),
+        (["--steps", "1000000000000"], "steps"),
     ]
     for extra, words in cases:
         assert main(base + extra) == 1, extra
@@ -622,3 +624,36 @@ def test_loglik_ranks_several_answers(trained, capsys) -> None:
     assert main(base + ["--answer", " sat", "--answer", ""]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: --answer number 2 is empty") and err.count("\n") == 1
+
+
+def test_hostile_training_inputs_are_one_line_errors(tmp_path, corpus, capsys) -> None:
+    """A JSONL line nested 100,000 deep, an absurd --seq-len, an unknown --device and an
+    unexpected internal error: one plain line each, exit code 1, no traceback."""
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    out = ["--out", str(tmp_path / "o"), "--preset", "tiny", "--steps", "1"]
+    cases = [
+        (["train", "--data", str(deep), *out], "nested too deeply"),
+        (["train", "--data", str(corpus), "--seq-len", "1000000000", *out], "--seq-len"),
+        (["train", "--data", str(corpus), "--device", "bogus", *out], "bogus"),
+    ]
+    for argv, words in cases:
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and words in err, (argv, err)
+        assert err.count("\n") == 1 and "Traceback" not in err, (argv, err)
+
+
+def test_cpu_out_of_memory_is_one_line(monkeypatch, tmp_path, corpus, capsys) -> None:
+    """torch's CPU allocator failure ("DefaultCPUAllocator: can't allocate memory") gets the
+    out-of-memory advice, not a traceback."""
+    import llada_ext.training as training
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: you tried")
+
+    monkeypatch.setattr(training, "build_pretrain_dataset", no_memory)
+    argv = ["train", "--data", str(corpus), "--out", str(tmp_path / "o"), "--preset", "tiny"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of CPU memory") and err.count("\n") == 1

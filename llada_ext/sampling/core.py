@@ -143,6 +143,11 @@ def _finite_float(value: object, name: str, *, minimum: float | None = None) -> 
     return value
 
 
+# Largest gen_length and steps a generation accepts: far beyond any use, small enough that an
+# absurd value is refused before any tensor of that size is allocated.
+MAX_SCHEDULE = 1 << 20
+
+
 def check_schedule(gen_length: object, steps: object, block_length: object) -> int:
     """Check the block layout of a generation; return the steps per block.
 
@@ -160,6 +165,9 @@ def check_schedule(gen_length: object, steps: object, block_length: object) -> i
     gen_length = _positive_int(gen_length, "gen_length")
     steps = _positive_int(steps, "steps")
     block_length = _positive_int(block_length, "block_length")
+    for value, name in ((gen_length, "gen_length"), (steps, "steps")):
+        if value > MAX_SCHEDULE:
+            raise ValueError(f"{name} ({value}) is beyond the supported maximum {MAX_SCHEDULE}")
     if gen_length % block_length != 0:
         raise ValueError(
             f"gen_length ({gen_length}) must be a multiple of block_length ({block_length})"

@@ -105,7 +105,7 @@ def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
         # A .json file holding one array of records is accepted as well.
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             raise DataError(f"{path}: not valid JSON ({e})") from None
         for i, rec in enumerate(data):
             if not isinstance(rec, dict):
@@ -117,8 +117,9 @@ def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
             continue
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            why = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+            raise DataError(f"{path}:{lineno}: not valid JSON ({why})") from None
         if not isinstance(rec, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object per line")
         yield rec
