@@ -17,9 +17,13 @@ Exact options (the output stays what the reference would give with the same chan
 - ``zero_eos_confidence``: candidates whose prediction is EOS or end-of-turn rank below every
   other candidate (they are unmasked only when the schedule needs them, lower positions
   first); with ``"low_confidence"`` the other candidates' confidence is their probability
-  among the tokens other than EOS and EoT. This is the reference's ``confidence_eos_eot_inf``
-  at temperature 0; at temperature > 0 the reference's switch edits the noisy copy of the
-  logits for EOS, so EOS predictions keep their confidence there, which this option fixes.
+  among the tokens other than EOS and EoT. At temperature 0 this selects what the
+  reference's ``confidence_eos_eot_inf`` selects, except in one case: when a step must unmask
+  more EOS/EoT candidates than it keeps, the reference picks among them (all at confidence 0)
+  in ``torch.topk``'s order for equal values, which is not specified; here the lower positions
+  go first. The selected non-EOS tokens and their order are the same. At temperature > 0 the
+  reference's switch edits the noisy copy of the logits for EOS, so EOS predictions keep
+  their confidence there, which this option fixes.
 - ``random_source="torch"`` (default) draws the confidences of ``remasking="random"`` with
   ``torch.rand`` over the whole sequence, as the reference does, so a seeded run gives the
   reference's tokens; ``"philox"`` uses the kernel's device-independent Philox stream instead.
@@ -426,7 +430,8 @@ def generate(
     forbid_eos : bool
         Never predict EOS (its logit is set to -inf).
     zero_eos_confidence : bool
-        Candidates predicted as EOS or end-of-turn are unmasked last.
+        Candidates predicted as EOS or end-of-turn are unmasked last (ties among them: lower
+        positions first; see the module notes for how this relates to the reference).
     cache : {"none", "prefix", "dual"}
         Block key/value caching (approximate, see the module notes).
     cache_refresh : int, optional
