@@ -351,3 +351,71 @@ def test_save_validation(tmp_path):
         model.save_pretrained(tmp_path / "file")
     assert sorted(os.listdir(tmp_path)) == ["file"]
     assert model_mod.DEFAULT_MAX_SHARD_BYTES == 5 * 1024**3
+
+
+# ---- training checkpoints: checksums and interrupted writes ---------------------------------
+
+
+def _training_checkpoint(tmp_path):
+    from llada_ext.training.checkpoint import CheckpointManager
+
+    mgr = CheckpointManager(tmp_path / "ckpt", keep_last=0)
+    state = {"model": {"w": torch.arange(4096, dtype=torch.float32)}, "note": "x"}
+    return mgr, mgr.save(7, state)
+
+
+@pytest.mark.parametrize("position", [0.1, 0.5, 0.9])
+def test_a_flipped_bit_is_detected_on_load(tmp_path, position):
+    """One bit flipped anywhere in a checkpoint: loading names the file, never returns
+    silently changed contents."""
+    from llada_ext.training.checkpoint import load_checkpoint
+
+    _, path = _training_checkpoint(tmp_path)
+    assert load_checkpoint(path)["note"] == "x"
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * position)] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{path.name}.*does not match its SHA-256"):
+        load_checkpoint(path)
+
+
+def test_a_checkpoint_without_manifest_loads_with_a_warning(tmp_path, caplog):
+    from llada_ext.training.checkpoint import load_checkpoint
+
+    _, path = _training_checkpoint(tmp_path)
+    path.with_name(path.name + ".sha256").unlink()
+    assert load_checkpoint(path)["note"] == "x"
+    assert any("no checksum manifest" in r.getMessage() for r in caplog.records)
+
+
+def test_temp_files_of_an_interrupted_write_are_removed(tmp_path):
+    """What a kill mid-write leaves (.step-*.pt.*.tmp) is removed when the run starts again;
+    complete checkpoints and unrelated files stay."""
+    from llada_ext.training.checkpoint import CheckpointManager
+
+    mgr, path = _training_checkpoint(tmp_path)
+    stale = [
+        mgr.directory / ".step-00000008.pt.abc123.tmp",
+        mgr.directory / ".step-00000008.pt.sha256.x9.tmp",
+    ]
+    for p in stale:
+        p.write_bytes(b"\0" * 100)
+    keep = mgr.directory / "notes.txt"
+    keep.write_text("mine")
+    CheckpointManager(mgr.directory)
+    assert not any(p.exists() for p in stale)
+    assert path.exists() and keep.exists()
+
+
+def test_interrupted_model_saves_are_removed_when_the_run_starts(tmp_path):
+    from llada_ext.training.checkpoint import remove_interrupted_saves
+
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = tmp_path / ".run.tmp-abc123"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 100)
+    other = tmp_path / ".other.tmp-1"
+    other.mkdir()
+    remove_interrupted_saves(run)
+    assert not stale.exists() and other.exists() and run.exists()

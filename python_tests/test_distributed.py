@@ -163,4 +163,4 @@ def test_two_ranks_match_single_process(tmp_path, fsdp, backend) -> None:
         torch.testing.assert_close(r0["params"][k], v, rtol=1e-4, atol=1e-5)
     # Only rank 0 wrote the run folder.
     ckpts = list((tmp_path / "dist" / "checkpoints").iterdir())
-    assert [p.name for p in ckpts] == ["step-00000003.pt"]
+    assert sorted(p.name for p in ckpts) == ["step-00000003.pt", "step-00000003.pt.sha256"]

@@ -352,7 +352,12 @@ def test_keep_last_and_bad_settings(tmp_path) -> None:
     t = make_trainer(tmp_path / "k", backend="torch", steps=4, save_every=1, keep_last=2)
     t.train()
     names = sorted(p.name for p in (tmp_path / "k" / "checkpoints").iterdir())
-    assert names == ["step-00000003.pt", "step-00000004.pt"]
+    assert names == [
+        "step-00000003.pt",
+        "step-00000003.pt.sha256",
+        "step-00000004.pt",
+        "step-00000004.pt.sha256",
+    ]
     with pytest.raises(ValueError, match="micro_batch_size"):
         make_trainer(tmp_path / "x", micro_batch_size=0)
     with pytest.raises(ValueError, match="prompt lengths"):

@@ -9,13 +9,21 @@ reader sees either the old file or the complete new one.
 
 Only plain containers, numbers, strings and tensors are stored, so the files load with
 ``torch.load(weights_only=True)``.
+
+Each checkpoint file gets a manifest, ``step-XXXXXXXX.pt.sha256``, written atomically after it:
+the SHA-256 of the file. Loading verifies it, so a flipped bit or a file changed on disk is a
+``ValueError`` naming the file instead of a run silently resumed from corrupted state.
+Temporary files left by a process killed mid-write are removed when the run starts again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import random
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +45,46 @@ __all__ = [
 CHECKPOINT_FORMAT = "llada_ext.train/1"
 
 _NAME_RE = re.compile(r"^step-(\d{8,})\.pt$")
+# What atomic_write leaves behind when killed between creating its temp file and the rename.
+_TEMP_RE = re.compile(r"^\.step-\d{8,}\.pt(\.sha256)?\..*\.tmp$")
+MANIFEST_SUFFIX = ".sha256"
+
+logger = logging.getLogger(__name__)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(path: Path) -> None:
+    """Record the SHA-256 of `path` in `path` + ".sha256" (atomically, after the file)."""
+    line = f"{file_sha256(path)}  {path.name}\n".encode()
+    atomic_write(path.with_name(path.name + MANIFEST_SUFFIX), lambda f: f.write(line))
+
+
+def verify_manifest(path: Path) -> None:
+    """Check `path` against its manifest; ValueError naming the file when they differ.
+
+    A checkpoint without a manifest (written by an earlier version) loads with a warning.
+    """
+    manifest = path.with_name(path.name + MANIFEST_SUFFIX)
+    if not manifest.is_file():
+        logger.warning("%s has no checksum manifest; it is loaded unverified", path)
+        return
+    try:
+        want = manifest.read_text().split()[0]
+    except (OSError, UnicodeDecodeError, IndexError):
+        raise ValueError(f"{str(manifest)!r} is not a readable checksum manifest") from None
+    if file_sha256(path) != want:
+        raise ValueError(
+            f"{str(path)!r} does not match its SHA-256 in {manifest.name}: the file is "
+            "corrupted or was changed after it was written"
+        )
 
 
 def _fsync_dir(path: Path) -> None:
@@ -168,11 +216,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     FileNotFoundError
         If the file does not exist.
     ValueError
-        If the file is not a checkpoint of this format.
+        If the file is not a checkpoint of this format, or does not match its manifest.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {str(path)!r}")
+    verify_manifest(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
@@ -180,6 +229,18 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{str(path)!r} is not a llada_ext training checkpoint")
     return ckpt
+
+
+def remove_interrupted_saves(folder: str | os.PathLike) -> None:
+    """Delete the temp folders (``.<name>.tmp-*`` beside `folder`) that a kill left while
+    ``LLaDAModel.save_pretrained(folder)`` was writing: a finished save renames its own."""
+    folder = Path(folder)
+    if not folder.parent.is_dir():
+        return
+    for p in folder.parent.glob(f".{folder.name}.tmp-*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            logger.info("removed %s, left by an interrupted save", p)
 
 
 class CheckpointManager:
@@ -197,6 +258,20 @@ class CheckpointManager:
     def __init__(self, directory: str | os.PathLike, *, keep_last: int = 3) -> None:
         self.directory = Path(directory)
         self.keep_last = int(keep_last)
+        self.remove_stale_temp_files()
+
+    def remove_stale_temp_files(self) -> None:
+        """Delete the temp files of writes that a kill interrupted (they are never complete:
+        a finished write renames its temp file)."""
+        if not self.directory.is_dir():
+            return
+        for p in self.directory.iterdir():
+            if _TEMP_RE.match(p.name) and p.is_file():
+                try:
+                    p.unlink()
+                    logger.info("removed %s, left by an interrupted write", p)
+                except OSError:
+                    pass
 
     def path_for(self, step: int) -> Path:
         """File name of the checkpoint of ``step``."""
@@ -235,6 +310,7 @@ class CheckpointManager:
         """
         path = self.path_for(step)
         atomic_save({**state, "format": CHECKPOINT_FORMAT, "step": int(step)}, path)
+        write_manifest(path)
         self.prune()
         return path
 
@@ -243,7 +319,8 @@ class CheckpointManager:
         if self.keep_last <= 0:
             return
         for _, p in self.list()[: -self.keep_last]:
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                pass
+            for f in (p, p.with_name(p.name + MANIFEST_SUFFIX)):
+                try:
+                    f.unlink()
+                except FileNotFoundError:
+                    pass

@@ -34,7 +34,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
+from .checkpoint import (
+    CheckpointManager,
+    capture_rng_state,
+    load_checkpoint,
+    remove_interrupted_saves,
+    restore_rng_state,
+)
 from .data import DataStream, SequenceDataset
 from .distributed import (
     DistInfo,
@@ -343,6 +349,8 @@ class Trainer:
             shape=config.decay_shape,
         )
         self.stream = DataStream(dataset, seed=config.seed, shuffle=config.shuffle)
+        if self.info.is_main:
+            remove_interrupted_saves(self.out_dir)
         self.ckpt = CheckpointManager(self.out_dir / "checkpoints", keep_last=config.keep_last)
         self.step = 0
         self.last_lr = float(config.lr)
