@@ -752,6 +752,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                     ) from None
             else:
                 cfg = LLaDAConfig.preset(args.preset)
+            _check_training_memory(cfg, args.device)
             model = LLaDAModel(cfg, backend=args.backend)
         if tokenizer.vocab_size > model.config.vocab_size:
             raise CLIError(
@@ -992,6 +993,34 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------
+def _check_training_memory(cfg: Any, device: str | None) -> None:
+    """Refuses, before allocating, a CPU training run whose weights, gradients and AdamW
+    state (16 bytes a parameter in float32) alone exceed the machine's physical memory."""
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in (None, "cpu"):
+        return
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not available on this platform
+        return
+    import math
+
+    from .model_files import expected_shapes
+
+    params = sum(math.prod(shape) for shape in expected_shapes(cfg).values())
+    need = 16 * params
+    if need > total:
+        raise CLIError(
+            f"training this model on the CPU needs at least {need / 2**30:.0f} GiB "
+            f"({params / 1e9:.2f}B parameters x 16 bytes for weights, gradients and AdamW), "
+            f"but the machine has {total / 2**30:.0f} GiB; use a smaller --preset or "
+            "--model-config, or a GPU"
+        )
+
+
 def _oom_message(cpu: bool = False) -> str:
     if cpu:
         return (

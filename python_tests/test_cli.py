@@ -657,3 +657,31 @@ def test_cpu_out_of_memory_is_one_line(monkeypatch, tmp_path, corpus, capsys) ->
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: out of CPU memory") and err.count("\n") == 1
+
+
+def test_8b_preset_on_a_small_cpu_machine_is_refused_up_front(tmp_path, corpus) -> None:
+    """--preset 8b on the CPU needs ~120 GiB to train: said and refused before allocating.
+    Run in a child limited to 8 GiB of address space, so a regression fails cleanly."""
+    import os
+    import resource
+    import subprocess
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if total > 120 * 2**30:
+        pytest.skip("this machine could hold it")
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))
+
+    argv = ["train", "--data", str(corpus), "--out", str(tmp_path / "o"), "--preset", "8b"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "llada_ext.cli", *argv, "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    err = proc.stderr
+    assert err.startswith("error: training this model on the CPU needs at least 119 GiB"), err
+    assert err.count("\n") == 1
