@@ -38,11 +38,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .model_files import (
+    CHECKSUMS_NAME,
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
     check_against_config,
     read_header,
     shard_files,
+    verify_checksums,
+    write_checksums,
 )
 
 __all__ = ["KVCache", "LLaDAConfig", "LLaDAModel", "ModelOutput"]
@@ -721,6 +724,7 @@ class LLaDAModel(nn.Module):
         # Everything the folder declares is checked before a module is built or a byte of
         # tensor data is read: shard names, headers, and config.json against the headers.
         files = shard_files(folder)
+        verify_checksums(folder)
         check_against_config({f: read_header(f) for f in files}, config, folder)
         with torch.device("meta"):
             model = cls(config, backend=backend)
@@ -809,6 +813,9 @@ class LLaDAModel(nn.Module):
                 index = {"metadata": {"total_size": total}, "weight_map": weight_map}
                 (tmp / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
                 written.append(WEIGHTS_INDEX_NAME)
+            # The weight files only: config.json and the index are text people edit.
+            write_checksums(tmp, [n for n in written if n.endswith(".safetensors")])
+            written.append(CHECKSUMS_NAME)
 
             if not folder.exists():
                 os.rename(tmp, folder)
@@ -819,8 +826,12 @@ class LLaDAModel(nn.Module):
             if WEIGHTS_INDEX_NAME not in written and stale_index.exists():
                 # an old index would otherwise win over the new model.safetensors
                 stale_index.unlink()
+            # The old manifest goes first and the new one comes last: a kill in between
+            # leaves no manifest (the folder loads unverified), never a wrong one.
+            (folder / CHECKSUMS_NAME).unlink(missing_ok=True)
             # shards before the index that names them, so an index never points at nothing
-            for name in sorted(written, key=lambda n: n == WEIGHTS_INDEX_NAME):
+            order = {WEIGHTS_INDEX_NAME: 1, CHECKSUMS_NAME: 2}
+            for name in sorted(written, key=lambda n: order.get(n, 0)):
                 os.replace(tmp / name, folder / name)
             for stale in folder.iterdir():
                 if _WEIGHT_FILE.fullmatch(stale.name) and stale.name not in written:

@@ -12,7 +12,9 @@ before anything is built or loaded.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
 import struct
@@ -20,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 WEIGHTS_NAME = "model.safetensors"
+# sha256sum-style manifest of the weight files save_pretrained wrote (the last file it writes).
+CHECKSUMS_NAME = "checksums.sha256"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
@@ -27,6 +31,45 @@ _FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 _ITEM_BYTES = {**_FLOAT_DTYPES, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 _BLOCK_WEIGHTS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
+
+
+logger = logging.getLogger(__name__)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checksums(folder: Path, names: list[str]) -> None:
+    """Writes the manifest of `names` (files of `folder`) into `folder`."""
+    lines = "".join(f"{file_sha256(folder / n)}  {n}\n" for n in names)
+    (folder / CHECKSUMS_NAME).write_text(lines)
+
+
+def verify_checksums(folder: Path) -> None:
+    """Checks every file the folder's manifest lists; ValueError naming the file that differs.
+
+    A folder without a manifest (the published checkpoints) is not checked.
+    """
+    manifest = folder / CHECKSUMS_NAME
+    if not manifest.is_file():
+        return
+    for line in manifest.read_text().splitlines():
+        parts = line.split()
+        if len(parts) != 2:
+            raise ValueError(f"{str(manifest)!r}: malformed line {line!r}")
+        digest, name = parts
+        path = _inside(folder, folder.resolve(), CHECKSUMS_NAME, name)
+        if file_sha256(path) != digest:
+            raise ValueError(
+                f"{str(path)!r} does not match its SHA-256 in {CHECKSUMS_NAME}: the file is "
+                "corrupted or was changed after it was saved"
+            )
 
 
 def expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:

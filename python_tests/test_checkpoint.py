@@ -71,7 +71,7 @@ def test_round_trip_bit_exact(tmp_path, dtype):
     model = make_model(dtype)
     model.save_pretrained(tmp_path / "ckpt")
     files = sorted(os.listdir(tmp_path / "ckpt"))
-    assert files == ["config.json", "model.safetensors"]
+    assert files == ["checksums.sha256", "config.json", "model.safetensors"]
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert config["model_type"] == "llada" and config["d_model"] == 40
     loaded = LLaDAModel.from_pretrained(tmp_path / "ckpt", backend="torch")
@@ -103,6 +103,7 @@ def test_sharded_round_trip(tmp_path):
     (tmp_path / "ckpt" / "tokenizer.json").write_text("{}")
     model.save_pretrained(tmp_path / "ckpt")
     assert sorted(os.listdir(tmp_path / "ckpt")) == [
+        "checksums.sha256",
         "config.json",
         "model.safetensors",
         "tokenizer.json",
@@ -112,8 +113,8 @@ def test_sharded_round_trip(tmp_path):
     (tmp_path / "ckpt" / "model_ema.safetensors").write_bytes(b"x")
     model.save_pretrained(tmp_path / "ckpt", max_shard_size=limit * 2)
     files = sorted(os.listdir(tmp_path / "ckpt"))
-    n = len(files) - 4
-    assert files == ["config.json"] + [
+    n = len(files) - 5
+    assert files == ["checksums.sha256", "config.json"] + [
         f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)
     ] + ["model.safetensors.index.json", "model_ema.safetensors", "tokenizer.json"]
     assert 1 < n < len(shards)
@@ -319,6 +320,7 @@ def test_bad_weights(tmp_path):
         LLaDAModel.from_pretrained(ckpt)
 
     ckpt = _write_ckpt(tmp_path / "b", sharded=False)
+    (ckpt / "checksums.sha256").unlink()  # weights from elsewhere: no manifest
     sd = {k: v.clone() for k, v in make_model().state_dict().items()}
     wrong = dict(sd)
     wrong["model.transformer.wte.weight"] = torch.zeros(7, 40)

@@ -44,8 +44,10 @@ def small(**kw) -> LLaDAConfig:
 
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
+    """A sharded model folder as it comes from elsewhere (no checksum manifest)."""
     torch.manual_seed(0)
     LLaDAModel(small(), backend="torch").save_pretrained(tmp_path / "m", max_shard_size=8_000)
+    (tmp_path / "m" / "checksums.sha256").unlink()
     return tmp_path / "m"
 
 
@@ -144,6 +146,19 @@ def test_unreadable_weight_files_name_the_file(folder, damage):
         shard.write_bytes((2**40).to_bytes(8, "little") + data[8:])
     with pytest.raises(ValueError, match=f"{shard.name}.*not a readable safetensors file"):
         LLaDAModel.from_pretrained(folder)
+
+
+def test_a_saved_folder_detects_a_flipped_bit(tmp_path):
+    """save_pretrained records the SHA-256 of every weight file; one flipped bit in a shard
+    is a ValueError naming that shard, even where the header still parses."""
+    torch.manual_seed(0)
+    LLaDAModel(small(), backend="torch").save_pretrained(tmp_path / "m", max_shard_size=8_000)
+    shard = _first_shard(tmp_path / "m")
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0x01  # inside the tensor data
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{shard.name}.*does not match its SHA-256"):
+        LLaDAModel.from_pretrained(tmp_path / "m")
 
 
 def test_non_float_weights_are_refused(tmp_path):

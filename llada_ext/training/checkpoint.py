@@ -18,7 +18,6 @@ Temporary files left by a process killed mid-write are removed when the run star
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import random
@@ -31,6 +30,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+
+from ..model_files import file_sha256
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -50,15 +51,6 @@ _TEMP_RE = re.compile(r"^\.step-\d{8,}\.pt(\.sha256)?\..*\.tmp$")
 MANIFEST_SUFFIX = ".sha256"
 
 logger = logging.getLogger(__name__)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_manifest(path: Path) -> None:
