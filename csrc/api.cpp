@@ -397,6 +397,14 @@ int llada_version(void) {
   return LLADA_VERSION;
 }
 
+const char* llada_blas_info(void) {
+#if defined(LLADA_EMU)
+  return "none (the executor build runs the CUDA kernels only)";
+#else
+  return cpu::blas_description();
+#endif
+}
+
 int llada_has_cuda(void) {
 #ifdef LLADA_WITH_CUDA
   return 1;

@@ -57,9 +57,43 @@ __all__ = [
     "log_likelihood",
     "score_choices",
     "has_cuda_kernels",
+    "build_info",
 ]
 
 
 def has_cuda_kernels() -> bool:
     """True if the kernel library was built with its CUDA kernels."""
     return bool(_C.has_cuda())
+
+
+def build_info() -> dict:
+    """What this installation runs.
+
+    Returns
+    -------
+    dict
+        ``version`` (package), ``abi_version`` (the C library's LLADA_VERSION),
+        ``cuda_kernels`` (built with CUDA), ``blas`` (the BLAS the CPU attention tiles found at
+        run time, or "none: plain loops ..."), ``cpu_executor`` (whether the CUDA kernels can
+        run on the CPU executor, ``llada_ext.emu``), ``torch``.
+    """
+    import torch
+
+    from . import emu
+
+    return {
+        "version": __version__,
+        "abi_version": int(_C.version()),
+        "cuda_kernels": has_cuda_kernels(),
+        "blas": str(_C.blas_info()),
+        "cpu_executor": emu.available(),
+        "torch": torch.__version__,
+    }
+
+
+if _C.blas_info().startswith("none"):
+    _logging.getLogger(__name__).warning(
+        "llada_ext: no OpenBLAS found, the CPU attention uses plain loops (several times "
+        "slower): %s",
+        _C.blas_info(),
+    )

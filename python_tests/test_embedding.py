@@ -82,7 +82,6 @@ def installed_prefix(tmp_path_factory) -> Path:
             "-DCMAKE_BUILD_TYPE=Release",
             "-DLLADA_BUILD_PYTHON=OFF",
             "-DLLADA_CUDA=OFF",
-            "-DLLADA_OPENBLAS=OFF",
         ]
     )
     _run([CMAKE, "--build", str(build), "-j", "2"])
@@ -262,6 +261,7 @@ _ENTRY_POINTS = (
     "llada_last_error",
     "llada_version",
     "llada_has_cuda",
+    "llada_blas_info",
     "llada_status_string",
     "llada_attention_fwd",
     "llada_attention_bwd_workspace_size",
@@ -328,6 +328,7 @@ _SIGNATURES = {
     "llada_last_error": (ctypes.c_char_p, []),
     "llada_version": (ctypes.c_int, []),
     "llada_has_cuda": (ctypes.c_int, []),
+    "llada_blas_info": (ctypes.c_char_p, []),
     "llada_status_string": (ctypes.c_char_p, [ctypes.c_int]),
     "llada_attention_fwd": (
         ctypes.c_int,
@@ -439,6 +440,8 @@ def test_version_and_info(capi):
     major, minor, patch = _header_version()
     assert capi.llada_version() == major * 10000 + minor * 100 + patch
     assert capi.llada_has_cuda() in (0, 1)
+    blas = capi.llada_blas_info().decode()
+    assert blas.startswith(("scipy-openblas32 (", "OpenBLAS (", "none: plain loops")), blas
     names = [capi.llada_status_string(s).decode() for s in range(8)]
     assert names == [
         "LLADA_OK",

@@ -94,6 +94,7 @@ llada_status attention_bwd(const AttnBwdParams& p);
 llada_status masked_ce_fwd(const CEParams& p);
 llada_status masked_ce_bwd(const CEParams& p);
 llada_status remask(const RemaskParams& p);
+const char* blas_description();  // csrc/cpu/blas.cpp
 }  // namespace cpu
 
 namespace cuda {

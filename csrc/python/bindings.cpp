@@ -88,6 +88,7 @@ PYBIND11_MODULE(LLADA_PY_MODULE, m) {
   m.attr("VERSION") = LLADA_VERSION;
   m.def("version", &llada_version);
   m.def("has_cuda", []() { return llada_has_cuda() != 0; });
+  m.def("blas_info", []() { return std::string(llada_blas_info()); });
 
   m.def(
       "attention_fwd",

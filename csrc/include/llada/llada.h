@@ -98,6 +98,10 @@ LLADA_API const char* llada_last_error(void);
 LLADA_API int llada_version(void);
 /* 1 if the library was built with CUDA kernels, else 0. */
 LLADA_API int llada_has_cuda(void);
+/* The BLAS the CPU attention tiles use, found at run time: "scipy-openblas32 (<path>)",
+ * "OpenBLAS (<path>)" or "none: plain loops (...)". LLADA_BLAS_LIB=<path> in the environment
+ * names the library to use; otherwise an OpenBLAS already loaded into the process is used. */
+LLADA_API const char* llada_blas_info(void);
 /* Name of a status code, e.g. "LLADA_ERROR_INVALID_ARGUMENT". */
 LLADA_API const char* llada_status_string(llada_status status);
 
