@@ -45,6 +45,10 @@ class CMakeBuild(build_ext):
             "-DCMAKE_BUILD_TYPE=Release",
         ]
         subprocess.check_call(cfg)
+        # The Python package ships one unversioned kernel library: drop the versioned files a
+        # build of an earlier layout may have left where setuptools packs the wheel from.
+        for stale in out_dir.glob("libllada_kernels.so.*"):
+            stale.unlink()
         jobs = os.environ.get("LLADA_JOBS", str(max(1, os.cpu_count() or 1)))
         subprocess.check_call(["cmake", "--build", str(build_dir), "-j", jobs])
         # _C links to the kernel library next to it (RPATH $ORIGIN). setuptools copies only
@@ -52,6 +56,8 @@ class CMakeBuild(build_ext):
         # (and its soname links) and the executor module _C_emu follow it here.
         pkg_dir = ROOT / "llada_ext"
         if getattr(self, "editable_mode", False) and out_dir != pkg_dir:
+            for stale in pkg_dir.glob("libllada_kernels.so.*"):
+                stale.unlink()
             for lib in [*out_dir.glob("libllada_kernels.so*"), *out_dir.glob("_C_emu*.so")]:
                 dst = pkg_dir / lib.name
                 if dst.is_symlink() or dst.exists():
