@@ -291,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Masked diffusion language models (LLaDA): train, fine-tune, sample, score "
         "and benchmark with the llada_ext kernels. Start with `llada-ext demo`.",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser(
@@ -1044,6 +1047,14 @@ def _show_library_messages(debug: bool) -> None:
     log.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
+    """The parser of sub-command `command` (the top-level parser when there is none)."""
+    for action in parser._subparsers._group_actions if parser._subparsers else []:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return action.choices[command]
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``llada-ext`` command line.
 
@@ -1064,7 +1075,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_bench(argparse.Namespace(bench_args=argv[1:]))
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            # reported by the sub-command's own parser, so its usage is what the user sees
+            _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as e:  # --help (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     if args.command is None:

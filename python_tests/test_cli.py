@@ -87,6 +87,17 @@ def test_usage_errors_exit_2(capsys) -> None:
     assert main(["no-such-command"]) == 2
     assert main(["train", "--steps", "many"]) == 2
     capsys.readouterr()
+    # a mistyped sub-command flag shows that sub-command's usage, not the top level's
+    assert main(["sample", "--model", "m", "--gen-lenght", "8"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("usage: llada-ext sample") and "unrecognized arguments: --gen-lenght" in err
+    )
+
+
+def test_version(capsys) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"llada-ext {llada_ext.__version__}"
 
 
 def test_user_errors_are_plain_lines(tmp_path, small_config, capsys) -> None:

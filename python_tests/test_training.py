@@ -438,3 +438,14 @@ def test_resume_with_more_steps_follows_the_new_schedule(tmp_path) -> None:
     assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(want)
     r = longer.train()
     assert r.step == 10 and len(r.losses) == 6
+
+
+def test_progress_in_a_log_file_is_a_few_plain_lines(tmp_path, capsys) -> None:
+    """When stderr is not a terminal the bar redraws at most every 30 s, each redraw its own
+    line: a log file gets a handful of short lines, not one line per step."""
+    t = make_trainer(tmp_path / "p", backend="torch", steps=40, progress=True)
+    t.train()
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("train:")]
+    assert 1 <= len(lines) <= 4, lines
+    assert "\r" not in err and max(len(ln) for ln in lines) < 200

@@ -487,8 +487,12 @@ class Trainer:
                         )
                         metrics.flush()
                     if bar is not None:
+                        # the update below redraws at the bar's own rate (not every step)
                         bar.set_postfix(
-                            loss=f"{loss:.4f}", tok_s=f"{tokens / dt:,.0f}", lr=f"{lr:.2e}"
+                            loss=f"{loss:.4f}",
+                            tok_s=f"{tokens / dt:,.0f}",
+                            lr=f"{lr:.2e}",
+                            refresh=False,
                         )
                         bar.update(1)
                     if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
@@ -646,9 +650,31 @@ class Trainer:
         return True
 
 
+class _LineWriter:
+    """A stream for tqdm that writes each redraw as its own line: in a log file the bar then
+    reads as periodic plain lines instead of one line of carriage returns."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").strip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def _progress_bar(*, total: int, initial: int, enabled: bool) -> Any:
     if not enabled:
         return None
+    import sys
+
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="train")
+    kw: dict[str, Any] = {"total": total, "initial": initial, "unit": "step", "desc": "train"}
+    if sys.stderr.isatty():
+        return tqdm(dynamic_ncols=True, **kw)
+    # not a terminal (a log file, CI): a plain line every 30 s at most
+    return tqdm(file=_LineWriter(sys.stderr), mininterval=30.0, ncols=100, **kw)
