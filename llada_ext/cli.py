@@ -65,7 +65,8 @@ def _add_common_runtime(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=None,
-        help="CPU threads for PyTorch (default: PyTorch's choice)",
+        help="CPU threads (default: 1 for models up to d_model 512, the fastest on a shared "
+        "CPU; PyTorch's choice for larger ones)",
     )
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
@@ -557,13 +558,27 @@ def build_parser() -> argparse.ArgumentParser:
 # helpers
 # ------------------------------------------------------------------------------------------
 def _set_threads(args: argparse.Namespace) -> None:
+    """Checks --threads (the count is applied once the model size is known)."""
     n = getattr(args, "threads", None)
-    if n is not None:
-        if n < 1:
-            raise CLIError(f"--threads must be >= 1, got {n}")
-        import torch
+    if n is not None and n < 1:
+        raise CLIError(f"--threads must be >= 1, got {n}")
 
-        torch.set_num_threads(n)
+
+# Models up to this width run on one CPU thread unless --threads says otherwise.
+SMALL_MODEL_WIDTH = 512
+
+
+def apply_threads(requested: int | None, d_model: int) -> None:
+    """The CPU thread count of every sub-command: --threads N if given; else one thread for a
+    small model (d_model <= 512: its matrices gain little from more threads, while OpenMP
+    threads that wait on a busy core slow a step down many times over), and PyTorch's own
+    choice for larger ones."""
+    import torch
+
+    if requested is not None:
+        torch.set_num_threads(requested)
+    elif d_model <= SMALL_MODEL_WIDTH:
+        torch.set_num_threads(1)
 
 
 def _resolve_dtype(name: str, device: Any) -> Any:
@@ -757,6 +772,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 cfg = LLaDAConfig.preset(args.preset)
             _check_training_memory(cfg, args.device)
             model = LLaDAModel(cfg, backend=args.backend)
+        apply_threads(args.threads, model.config.d_model)
         if tokenizer.vocab_size > model.config.vocab_size:
             raise CLIError(
                 f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
@@ -847,6 +863,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     options = _sampler_options(args)  # checked before the (possibly slow) model load
     prompts = _collect_prompts(args)
     model = _load_model(args.model, args.device, args.dtype, args.backend)
+    apply_threads(args.threads, model.config.d_model)
     tok_folder = args.tokenizer or args.model
     tokenizer = load_tokenizer(tok_folder)
     if any(options.get(k) for k in ("eos_early_stop", "forbid_eos", "zero_eos_confidence")):
@@ -932,6 +949,7 @@ def _cmd_loglik(args: argparse.Namespace) -> int:
 
     _set_threads(args)
     model = _load_model(args.model, args.device, args.dtype, args.backend)
+    apply_threads(args.threads, model.config.d_model)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     prompt = torch.tensor(_prompt_ids(tokenizer, args.prompt, args.chat), dtype=torch.long)
     answers = list(args.answer)

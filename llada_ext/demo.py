@@ -422,14 +422,12 @@ def run_demo_from_args(args: argparse.Namespace) -> int:
     """Entry point of ``llada-ext demo`` (returns the exit status)."""
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    else:
-        # The tiny model's 128-wide matrices gain little from more threads, while OpenMP
-        # threads that wait on a busy core can slow a step down many times over.
-        torch.set_num_threads(1)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    from .cli import apply_threads
+    from .model import LLaDAConfig
+
+    apply_threads(args.threads, LLaDAConfig.preset("tiny").d_model)  # the rule of every command
     res = run_demo(
         steps=args.steps,
         device=args.device,

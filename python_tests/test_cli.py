@@ -696,3 +696,15 @@ def test_8b_preset_on_a_small_cpu_machine_is_refused_up_front(tmp_path, corpus) 
     err = proc.stderr
     assert err.startswith("error: training this model on the CPU needs at least 119 GiB"), err
     assert err.count("\n") == 1
+
+
+def test_one_thread_default_for_small_models(tmp_path, corpus) -> None:
+    """Every sub-command shares the thread rule: a small model runs on one thread unless
+    --threads says otherwise."""
+    base = ["train", "--data", str(corpus), "--out", str(tmp_path / "o"), "--preset", "tiny"]
+    base += ["--steps", "1", "--no-progress"]
+    torch.set_num_threads(2)
+    assert main(base) == 0
+    assert torch.get_num_threads() == 1
+    assert main([*base, "--threads", "2", "--out", str(tmp_path / "p")]) == 0
+    assert torch.get_num_threads() == 2
