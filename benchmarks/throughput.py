@@ -800,9 +800,11 @@ def make_plots(
 # ---------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(
+    prog: str = "throughput.py", default_out: Path = RESULTS_DIR
+) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="throughput.py",
+        prog=prog,
         description=__doc__.split("\n\n")[0],
         epilog="Grids: --cpu (tiny model, float32, CPU), --quick (1b/8b dims, batch 1, prompt "
         "512, gen 256), default full (prompt 128/512/1024 x gen 256/512/1024 x batch "
@@ -859,15 +861,24 @@ def build_parser() -> argparse.ArgumentParser:
         "in --out or benchmarks/results)",
     )
     ap.add_argument(
-        "--out", type=Path, default=RESULTS_DIR, help=f"output folder (default {RESULTS_DIR})"
+        "--out", type=Path, default=default_out, help=f"output folder (default {default_out})"
     )
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of failed points")
     return ap
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    """Run the throughput grid; returns the process exit status (0 unless nothing ran)."""
-    args = build_parser().parse_args(argv)
+def main(
+    argv: Optional[list[str]] = None,
+    *,
+    prog: str = "throughput.py",
+    default_out: Path = RESULTS_DIR,
+) -> int:
+    """Run the throughput grid; returns the process exit status (0 unless nothing ran).
+
+    ``prog`` and ``default_out`` let ``llada-ext bench`` name itself in --help and write to a
+    folder of the user's instead of the checkout's tracked results.
+    """
+    args = build_parser(prog, default_out).parse_args(argv)
     grid_name = "cpu" if args.cpu else "quick" if args.quick else "full"
     if args.smoke:
         if not args.cpu:

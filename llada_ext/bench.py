@@ -73,7 +73,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     module = _load_throughput(folder)
     try:
-        return int(module.main(argv) or 0)
+        # results go to the user's working folder, not the checkout's tracked results
+        out = Path.cwd() / "llada_bench_results"
+        return int(module.main(argv, prog="llada-ext bench", default_out=out) or 0)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
 

@@ -137,7 +137,10 @@ def test_bench_cli_forwards_to_throughput(capsys):
 
     assert bench.find_benchmarks_dir() == BENCH
     assert bench.main(["--help"]) == 0
-    assert "--cpu" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "--cpu" in text and text.startswith("usage: llada-ext bench")
+    # results default to the user's folder, not the checkout's tracked benchmarks/results
+    assert "llada_bench_results" in text and "benchmarks/results)" not in text.split("--out")[-1]
     assert bench.main(["--no-such-option"]) == 2
 
 
