@@ -357,40 +357,32 @@ def build_parser() -> argparse.ArgumentParser:
         const="off",
         help="same as --chat off",
     )
-    p.add_argument(
-        "--gen-length", type=int, default=64, help="answer length in tokens (default: %(default)s)"
-    )
+    folder_default = "(default: the model folder's generation_config.json, else %s)"
+    p.add_argument("--gen-length", type=int, help="answer length in tokens " + folder_default % 64)
     p.add_argument(
         "--steps",
         type=int,
-        default=64,
         help="sampling steps in total, a multiple of gen-length / block-length "
-        "(default: %(default)s)",
+        + folder_default % 64,
     )
     p.add_argument(
         "--block-length",
         type=int,
-        default=32,
         help="tokens per semi-autoregressive block; must divide --gen-length "
-        "(default: %(default)s)",
+        + folder_default % 32,
     )
     p.add_argument(
-        "--temperature",
-        type=float,
-        default=0.0,
-        help="0 = greedy; > 0 samples (default: %(default)s)",
+        "--temperature", type=float, help="0 = greedy; > 0 samples " + folder_default % 0.0
     )
     p.add_argument(
         "--cfg-scale",
         type=float,
-        default=0.0,
-        help="classifier-free guidance scale, 0 = off (default: %(default)s)",
+        help="classifier-free guidance scale, 0 = off " + folder_default % 0.0,
     )
     p.add_argument(
         "--remasking",
         choices=("low_confidence", "random", "margin", "entropy"),
-        default="low_confidence",
-        help="which predictions are kept each step (default: %(default)s)",
+        help="which predictions are kept each step " + folder_default % "low_confidence",
     )
     p.add_argument(
         "--batch-size",
@@ -690,6 +682,17 @@ def _chat_enabled(mode: str, tokenizer: Any, folder: str) -> bool:
     return isinstance(data, dict) and bool(data.get("chat_template"))
 
 
+def _fill_generation_defaults(args: argparse.Namespace, config: Any) -> None:
+    """Sampler settings not given on the command line come from the model folder's
+    generation_config.json (else the LLaDA defaults)."""
+    from .generation_config import read_generation_config
+
+    settings = read_generation_config(args.model)
+    for name in ("gen_length", "steps", "block_length", "temperature", "cfg_scale", "remasking"):
+        if getattr(args, name) is None:
+            setattr(args, name, settings[name])
+
+
 def _sampler_options(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments of ``generate`` for the speed / EOS options that were set; options
     left at their defaults are not passed."""
@@ -864,6 +867,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     prompts = _collect_prompts(args)
     model = _load_model(args.model, args.device, args.dtype, args.backend)
     apply_threads(args.threads, model.config.d_model)
+    _fill_generation_defaults(args, model.config)
     tok_folder = args.tokenizer or args.model
     tokenizer = load_tokenizer(tok_folder)
     if any(options.get(k) for k in ("eos_early_stop", "forbid_eos", "zero_eos_confidence")):

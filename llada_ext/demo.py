@@ -20,12 +20,15 @@ import argparse
 import copy
 import json
 import random
+import shlex
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .generation_config import write_generation_config
 
 __all__ = [
     "DEMO_SEQ_LEN",
@@ -350,6 +353,11 @@ def run_demo(
     if result.interrupted:
         return {"interrupted": True, "out": str(out)}
 
+    # Sampling settings that fit the task (the longest prompt plus the answer fill the trained
+    # rows), so `llada-ext sample --model <out>` works on this folder as it is.
+    gen = DEMO_SEQ_LEN - max(len(r["prompt"]) for r in load_demo_corpus("train"))
+    write_generation_config(out, {"gen_length": gen, "steps": gen, "block_length": gen})
+
     # Evaluate the saved run, as a user would load it.
     loaded = LLaDAModel.from_pretrained(out, device=dev, backend=backend)
     acc, examples = evaluate_exact_match(loaded, test)
@@ -362,6 +370,8 @@ def run_demo(
         mark = "ok " if want == got else "err"
         print(f"  [{mark}] {prompt}{got!r:10s} (expected {want!r})")
 
+    example = shlex.quote(test[0]["prompt"])
+    print(f"try it: llada-ext sample --model {shlex.quote(str(out))} --prompt {example}")
     res: dict[str, Any] = {
         "accuracy": acc,
         "initial_loss": initial,
@@ -409,6 +419,9 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
         help="held-out prompts to evaluate (default: %(default)s)",
     )
     p.add_argument("--no-throughput", action="store_true", help="skip the kernels-vs-torch timing")
+    p.add_argument(
+        "--overwrite", action="store_true", help="train again into an --out that holds a model"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument(
         "--threads",
@@ -428,6 +441,11 @@ def run_demo_from_args(args: argparse.Namespace) -> int:
     from .model import LLaDAConfig
 
     apply_threads(args.threads, LLaDAConfig.preset("tiny").d_model)  # the rule of every command
+    if (Path(args.out) / "config.json").exists() and not args.overwrite:
+        raise ValueError(
+            f"{args.out} already holds a trained model; pass --overwrite to train it again, "
+            "or --out for another folder"
+        )
     res = run_demo(
         steps=args.steps,
         device=args.device,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -708,3 +709,32 @@ def test_one_thread_default_for_small_models(tmp_path, corpus) -> None:
     assert torch.get_num_threads() == 1
     assert main([*base, "--threads", "2", "--out", str(tmp_path / "p")]) == 0
     assert torch.get_num_threads() == 2
+
+
+def test_run_folders_describe_their_sampling(trained, tmp_path, capsys) -> None:
+    """train writes a generation_config.json that fits its rows; sample takes its defaults
+    from it, and explicit options still win."""
+    import shutil
+
+    from llada_ext.generation_config import fitting
+
+    settings = json.loads((Path(trained) / "generation_config.json").read_text())
+    assert settings == fitting(24)  # the --seq-len the fixture trained with
+    folder = tmp_path / "run"
+    shutil.copytree(trained, folder)
+    bad = {**settings, "gen_length": 6, "block_length": 4}  # 4 does not divide 6
+    (folder / "generation_config.json").write_text(json.dumps(bad))
+    argv = ["sample", "--model", str(folder), "--prompt", "the cat", "--device", "cpu"]
+    assert main(argv) == 1
+    assert "gen_length (6) must be a multiple of block_length (4)" in capsys.readouterr().err
+    assert main([*argv, "--gen-length", "8", "--steps", "4"]) == 0
+    capsys.readouterr()
+
+
+def test_demo_refuses_to_overwrite_a_finished_run(tmp_path, capsys) -> None:
+    run = tmp_path / "demo"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    assert main(["demo", "--out", str(run), "--steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "already holds a trained model; pass --overwrite" in err

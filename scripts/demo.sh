@@ -9,4 +9,5 @@ if [ -z "${LLADA_CUDA:-}" ] && ! nvidia-smi -L >/dev/null 2>&1; then
 fi
 bash scripts/setup.sh
 VENV="${LLADA_VENV:-.venv}"
-exec "$VENV/bin/llada-ext" demo "$@"
+# the main job retrains its run folder (runs/demo) each time it is run
+exec "$VENV/bin/llada-ext" demo --overwrite "$@"

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..generation_config import GENERATION_CONFIG_NAME, fitting, write_generation_config
 from .checkpoint import (
     CheckpointManager,
     capture_rng_state,
@@ -567,6 +568,9 @@ class Trainer:
             cpu_model = cls(self.model.config, backend="torch")
         cpu_model.load_state_dict(state, strict=True, assign=True)
         cpu_model.save_pretrained(self.out_dir)
+        if not (self.out_dir / GENERATION_CONFIG_NAME).exists():
+            # sampling settings that fit the rows this model was trained on
+            write_generation_config(self.out_dir, fitting(self.dataset.seq_len))
         if self.tokenizer_folder is not None:
             for name in _TOKENIZER_FILES:
                 src = self.tokenizer_folder / name
