@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import random
 import shlex
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -371,7 +373,9 @@ def run_demo(
         print(f"  [{mark}] {prompt}{got!r:10s} (expected {want!r})")
 
     example = shlex.quote(test[0]["prompt"])
-    print(f"try it: llada-ext sample --model {shlex.quote(str(out))} --prompt {example}")
+    # the very executable that ran the demo (scripts/demo.sh runs .venv/bin/llada-ext)
+    exe = sys.argv[0] if os.path.basename(sys.argv[0]) == "llada-ext" else "llada-ext"
+    print(f"try it: {exe} sample --model {shlex.quote(str(out))} --prompt {example}")
     res: dict[str, Any] = {
         "accuracy": acc,
         "initial_loss": initial,
