@@ -4,6 +4,7 @@
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <string.h>
 
 #include <string>
 
@@ -342,6 +343,9 @@ llada_status llada_attention_bwd(const llada_tensor* q, const llada_tensor* k,
   p.workspace_bytes = workspace_bytes;
 #if defined(LLADA_EMU)
   emu::note_global(workspace, workspace_bytes, "workspace");
+  // scratch the kernels must initialise themselves: poisoned, so a read of a byte no kernel
+  // wrote gives NaN rather than a lucky zero
+  if (workspace != nullptr) memset(workspace, 0xff, workspace_bytes);
 #endif
   return dispatch(q, p, cpu::attention_bwd, [](const AttnBwdParams& pp) {
 #ifdef LLADA_WITH_CUDA
@@ -521,6 +525,9 @@ llada_status llada_remask(const llada_tensor* logits, const llada_tensor* uncond
   p.workspace_bytes = workspace_bytes;
 #if defined(LLADA_EMU)
   emu::note_global(workspace, workspace_bytes, "workspace");
+  // scratch the kernels must initialise themselves: poisoned, so a read of a byte no kernel
+  // wrote gives NaN rather than a lucky zero
+  if (workspace != nullptr) memset(workspace, 0xff, workspace_bytes);
 #endif
   p.stream = stream;
   if (B == 0) return LLADA_OK;

@@ -49,9 +49,15 @@ inline void launch_kernel(const char* name, void (*kernel)(P...), dim3 grid, dim
 
 // Shared-memory declarations, which the executor allocates per block.
 #if defined(LLADA_EMU)
-#define LLADA_SHARED_ARRAY(T, name, n) \
-  T* name = static_cast<T*>(           \
-      ::llada::emu::static_shared(sizeof(T) * (n), alignof(T), __FILE__, __LINE__))
+// The key, a static local of a lambda, is distinct in every template instantiation.
+#define LLADA_SHARED_ARRAY(T, name, n)                   \
+  T* name = static_cast<T*>(::llada::emu::static_shared( \
+      sizeof(T) * (n), alignof(T),                       \
+      [] {                                               \
+        static char key;                                 \
+        return &key;                                     \
+      }(),                                               \
+      __FILE__, __LINE__))
 #define LLADA_DYNAMIC_SHARED(T, name) \
   T* name = reinterpret_cast<decltype(name)>(::llada::emu::dynamic_shared())
 #else

@@ -141,7 +141,9 @@ void shared_access(Region& r, size_t off, size_t bytes, bool write, const Thread
         fail("reads %s, which nothing has written (uninitialised shared memory)",
              shared_byte(r, i));
       if (!ordered(c.w_tid, c.w_bar, c.w_wsync, t, b)) race("read after write", r, i, c.w_tid);
-      if (!(c.flags & kRead) || c.r_bar != b.bar) {
+      // A new reader set starts at a barrier, or after a __syncwarp that ordered every
+      // earlier reader (all of this warp) before this read.
+      if (!(c.flags & kRead) || c.r_bar != b.bar || (c.r_warp == w && c.r_wsync < b.wsync[w])) {
         c.r_tid = static_cast<uint16_t>(t.tid);
         c.r_warp = static_cast<int16_t>(w);
         c.r_bar = b.bar;

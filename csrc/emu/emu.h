@@ -174,7 +174,7 @@ enum ShflMode { kShflXor = 0, kShflIdx = 1, kShflDown = 2, kShflUp = 3 };
 // Shared memory: the dynamic array of the launch, and the static __shared__ arrays (one per
 // source line, allocated when the first thread of a block reaches it).
 void* dynamic_shared();
-void* static_shared(size_t bytes, size_t align, const char* file, int line);
+void* static_shared(size_t bytes, size_t align, const void* key, const char* file, int line);
 uint32_t shared_address(const void* p, const char* file, int line);
 
 // PTX twins.

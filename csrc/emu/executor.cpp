@@ -76,6 +76,8 @@ void fiber_main(void* arg) {
   leave_block();
 }
 
+bool complete_after_exits(Block& b);  // below, with the warp collectives
+
 // Switches from the current fiber to the scheduler until this thread is runnable again.
 void block_here() {
   Executor& ex = exec();
@@ -207,6 +209,7 @@ void run_block(Launch& l, Block& b, std::vector<Thread>& threads) {
     for (int i = 0; i < b.nthreads; ++i) all_exited &= threads[i].state == ThreadState::kExited;
     if (all_exited) break;
     try_release_barrier(b);
+    if (!l.failed) complete_after_exits(b);
     bool runnable = false;
     for (int i = 0; i < b.nthreads; ++i) runnable |= threads[i].state == ThreadState::kRunnable;
     if (l.failed) break;
@@ -308,72 +311,105 @@ void complete_shfl(Thread* lanes[32], unsigned mask) {
     const int seg = lane & ~(w - 1);
     int src = lane;
     switch (t.op == kOpShfl ? t.bytes >> 8 : 0) {
-      case kShflXor: src = lane ^ t.arg; break;
+      case kShflXor:  // a later segment cannot be read: the lane keeps its own value
+        src = lane ^ t.arg;
+        if (src >= seg + w) src = lane;
+        break;
       case kShflIdx: src = seg + (t.arg & (w - 1)); break;
       case kShflDown: src = (lane - seg) + t.arg < w ? lane + t.arg : lane; break;
       case kShflUp: src = (lane - seg) - t.arg >= 0 ? lane - t.arg : lane; break;
       default: break;
     }
     if (src < 0 || src > 31 || !(mask >> src & 1u)) {
-      fail("shuffle: lane %d reads lane %d, which is not in the mask 0x%x", lane, src, mask);
+      fail("shuffle: lane %d reads lane %d, which is not in the mask 0x%x or has exited", lane, src,
+           t.mask);
     }
     t.out[0] = lanes[src]->in[0];
     t.out[1] = lanes[src]->in[1];
   }
 }
 
+// Completes the collective lane `t` waits at once every live lane of its mask has arrived
+// (lanes that exited are left out, as on the device: only non-exited threads named in the
+// mask must take part). ldmatrix and mma.sync need all 32 lanes. Returns true if completed.
+bool try_complete(Block& b, const Thread& t) {
+  const int warp = t.tid / 32;
+  const bool whole_warp = t.op == kOpLdmatrix || t.op == kOpMma;
+  Thread* lanes[32] = {};
+  unsigned live = 0;
+  for (int lane = 0; lane < 32; ++lane) {
+    const int tid = warp * 32 + lane;
+    if (tid >= b.nthreads) continue;
+    lanes[lane] = &(*b.threads)[tid];
+    if (lanes[lane]->state != ThreadState::kExited) live |= 1u << lane;
+  }
+  for (int lane = 0; lane < 32; ++lane) {
+    if (!(t.mask >> lane & 1u)) continue;
+    if (lanes[lane] == nullptr) {
+      fail("warp collective at %s:%d names lane %d, which the block does not have", t.wait_file,
+           t.wait_line, lane);
+      return false;
+    }
+    const Thread& o = *lanes[lane];
+    if (o.state == ThreadState::kExited) {
+      if (whole_warp) {
+        fail("%s at %s:%d needs all 32 lanes, but lane %d has exited",
+             t.op == kOpMma ? "mma.sync" : "ldmatrix", t.wait_file, t.wait_line, lane);
+        return false;
+      }
+      continue;
+    }
+    if (o.state != ThreadState::kWarp) return false;
+    // One instruction with one mask; a shuffle's source lane may differ from lane to lane.
+    if (o.op != t.op || o.mask != t.mask || o.wait_line != t.wait_line ||
+        strcmp(o.wait_file, t.wait_file) != 0 || (t.op != kOpShfl && o.arg != t.arg) ||
+        o.width != t.width || o.bytes != t.bytes) {
+      fail("warp divergence: lane %d is at a different collective (%s:%d) than lane %d (%s:%d)",
+           lane, o.wait_file, o.wait_line, t.tid % 32, t.wait_file, t.wait_line);
+      return false;
+    }
+  }
+  const unsigned participants = t.mask & live;
+  switch (t.op) {
+    case kOpSyncwarp:
+      // Orders memory only when every live lane takes part; a partial mask records nothing
+      // (conservative: the checker then treats the lanes as unordered).
+      if ((live & ~t.mask) == 0) ++b.wsync[warp];
+      break;
+    case kOpShfl: complete_shfl(lanes, participants); break;
+    case kOpLdmatrix: complete_ldmatrix(lanes); break;
+    case kOpMma: complete_mma(lanes); break;
+    default: break;
+  }
+  for (int lane = 0; lane < 32; ++lane) {
+    if (participants >> lane & 1u) lanes[lane]->state = ThreadState::kRunnable;
+  }
+  return true;
+}
+
 // Called by each arriving lane after it stored its inputs; returns when the collective is
 // complete (the last lane to arrive computes it for every lane).
 void warp_collective(int op, unsigned mask, const char* file, int line) {
-  Executor& ex = exec();
   Thread& t = current();
-  Block& b = *ex.block;
   t.op = op;
   t.mask = mask;
   t.wait_file = file;
   t.wait_line = line;
   t.state = ThreadState::kWarp;
-  const int warp = t.tid / 32;
   if (!(mask >> (t.tid % 32) & 1u))
     fail("warp collective with a mask 0x%x that excludes the calling lane", mask);
-  Thread* lanes[32] = {};
-  bool complete = true;
-  for (int lane = 0; lane < 32; ++lane) {
-    const int tid = warp * 32 + lane;
-    if (tid < b.nthreads) lanes[lane] = &(*b.threads)[tid];
-    if (!(mask >> lane & 1u)) continue;
-    if (lanes[lane] == nullptr) {
-      fail("warp collective at %s:%d names lane %d, which the block does not have", file, line,
-           lane);
-    }
-    const Thread& o = *lanes[lane];
-    if (o.state == ThreadState::kExited) {
-      fail("warp collective at %s:%d: lane %d of the mask 0x%x has exited", file, line, lane, mask);
-    }
-    if (o.state != ThreadState::kWarp) {
-      complete = false;
-      continue;
-    }
-    if (o.op != op || o.mask != mask || o.wait_line != line || strcmp(o.wait_file, file) != 0 ||
-        o.arg != t.arg || o.width != t.width || o.bytes != t.bytes) {
-      fail("warp divergence: lane %d is at a different collective (%s:%d) than lane %d (%s:%d)",
-           lane, o.wait_file, o.wait_line, t.tid % 32, file, line);
-    }
-  }
-  if (complete) {
-    switch (op) {
-      case kOpSyncwarp: ++b.wsync[warp]; break;
-      case kOpShfl: complete_shfl(lanes, mask); break;
-      case kOpLdmatrix: complete_ldmatrix(lanes); break;
-      case kOpMma: complete_mma(lanes); break;
-      default: break;
-    }
-    for (int lane = 0; lane < 32; ++lane) {
-      if (mask >> lane & 1u) lanes[lane]->state = ThreadState::kRunnable;
-    }
-    return;
-  }
+  if (try_complete(*exec().block, t)) return;
   block_here();
+}
+
+// A lane that exits may complete a collective the rest of its mask waits at.
+bool complete_after_exits(Block& b) {
+  bool any = false;
+  for (int i = 0; i < b.nthreads; ++i) {
+    const Thread& t = (*b.threads)[i];
+    if (t.state == ThreadState::kWarp && try_complete(b, t)) any = true;
+  }
+  return any;
 }
 
 }  // namespace
@@ -406,7 +442,7 @@ void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_
               const void* ctx) {
   const long long nthreads = static_cast<long long>(block.x) * block.y * block.z;
   char buf[256];
-  if (nthreads < 1 || nthreads > kMaxThreadsPerBlock) {
+  if (nthreads < 1 || nthreads > kMaxThreadsPerBlock || block.z > 64) {
     snprintf(buf, sizeof(buf), "%s: invalid block (%u,%u,%u)", name, block.x, block.y, block.z);
     config_error(buf);
     return;
@@ -520,11 +556,12 @@ void* dynamic_shared() {
   return reinterpret_cast<void*>(16);
 }
 
-void* static_shared(size_t bytes, size_t align, const char* file, int line) {
+void* static_shared(size_t bytes, size_t align, const void* key, const char* file, int line) {
   Block& b = *exec().block;
   for (Region& r : b.regions)
-    if (r.line == line && r.file == file) return r.base;
+    if (r.key == key) return r.base;
   Region& r = add_region(b, bytes, file, line);
+  r.key = key;
   if (reinterpret_cast<uintptr_t>(r.base) % align != 0) fail("shared array misaligned");
   return r.base;
 }

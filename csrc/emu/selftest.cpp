@@ -85,10 +85,25 @@ __global__ void barrier_after_exit_kernel(float* out) {
   out[threadIdx.x] = 1.f;
 }
 
-// Half a warp calls a full-mask shuffle; the other half returns.
+// The two halves of a warp call full-mask shuffles at different instructions.
 __global__ void warp_divergence_kernel(float* out) {
-  if (threadIdx.x >= 16) return;
-  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.f, 1);
+  const float v = static_cast<float>(threadIdx.x);
+  if (threadIdx.x < 16) {
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, v, 1);
+  } else {
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, v, 2);
+  }
+}
+
+// Legal: half the warp exits, the other half shuffles with a full mask (only non-exited lanes
+// must take part); per-lane source lanes; xor within 16-lane segments.
+__global__ void shuffles_kernel(float* out) {
+  const unsigned lane = threadIdx.x;
+  const float v = static_cast<float>(lane);
+  out[32 + lane] = __shfl_sync(0xffffffffu, v, (lane + 1) & 31);
+  out[64 + lane] = __shfl_xor_sync(0xffffffffu, v, 16, 16);  // a later segment: own value
+  if (lane >= 16) return;
+  out[lane] = __shfl_xor_sync(0xffffffffu, v, 1);
 }
 
 // Every block writes out[0]: nothing orders the blocks (a plain-store race); with
@@ -183,7 +198,8 @@ std::vector<std::string> selftest_names() {
           "global_race",
           "global_atomics",
           "ldg_written",
-          "barrier_after_exit"};
+          "barrier_after_exit",
+          "shuffles"};
 }
 
 // Runs one self-test kernel; returns (the executor's report, or "" if none; the output).
@@ -213,6 +229,8 @@ std::pair<std::string, std::vector<float>> selftest(const std::string& name) {
     r = run("barrier_after_exit_kernel", barrier_after_exit_kernel, 1, 64, 0, in, 64);
   } else if (name == "warp_divergence") {
     r = run("warp_divergence_kernel", warp_divergence_kernel, 1, 32, 0, in, 32);
+  } else if (name == "shuffles") {
+    r = run("shuffles_kernel", shuffles_kernel, 1, 32, 0, in, 96);
   } else if (name == "reduce") {
     r = run("reduce_kernel", reduce_kernel, 1, 256, 0, in, 1);
   } else if (name == "mma") {

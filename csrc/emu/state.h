@@ -64,7 +64,8 @@ struct Region {
   char* mem = nullptr;  // allocation (with an unregistered margin around the region)
   char* base = nullptr;
   size_t bytes = 0;
-  uint32_t addr = 0;  // first shared-window address
+  uint32_t addr = 0;          // first shared-window address
+  const void* key = nullptr;  // the declaration (one per template instantiation); null: dynamic
   const char* file = nullptr;
   int line = 0;  // 0 for the dynamic array
   std::vector<Cell> shadow;
