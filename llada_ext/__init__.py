@@ -91,9 +91,10 @@ def build_info() -> dict:
     }
 
 
-if _C.blas_info().startswith("none"):
+_blas = _C.blas_info()
+if _blas.startswith("none"):
     _logging.getLogger(__name__).warning(
         "llada_ext: no OpenBLAS found, the CPU attention uses plain loops (several times "
         "slower): %s",
-        _C.blas_info(),
+        _blas,
     )

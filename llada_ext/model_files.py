@@ -45,31 +45,45 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def checksum_lines(folder: Path, names: list[str]) -> str:
+    """The manifest text (``sha256sum`` format) of `names`, files of `folder`."""
+    return "".join(f"{file_sha256(folder / n)}  {n}\n" for n in names)
+
+
 def write_checksums(folder: Path, names: list[str]) -> None:
     """Writes the manifest of `names` (files of `folder`) into `folder`."""
-    lines = "".join(f"{file_sha256(folder / n)}  {n}\n" for n in names)
-    (folder / CHECKSUMS_NAME).write_text(lines)
+    (folder / CHECKSUMS_NAME).write_text(checksum_lines(folder, names))
 
 
-def verify_checksums(folder: Path) -> None:
-    """Checks every file the folder's manifest lists; ValueError naming the file that differs.
+def verify_checksums(folder: Path, manifest_name: str = CHECKSUMS_NAME) -> list[str]:
+    """Checks every file a manifest of the folder lists; ValueError naming the file that differs.
 
-    A folder without a manifest (the published checkpoints) is not checked.
+    Returns the names it verified: none when the folder has no such manifest (the published
+    checkpoints are not checked).
     """
-    manifest = folder / CHECKSUMS_NAME
+    manifest = folder / manifest_name
     if not manifest.is_file():
-        return
-    for line in manifest.read_text().splitlines():
+        return []
+    try:
+        lines = manifest.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        raise ValueError(f"{str(manifest)!r} is not a readable checksum manifest") from None
+    names = []
+    for line in lines:
         parts = line.split()
         if len(parts) != 2:
             raise ValueError(f"{str(manifest)!r}: malformed line {line!r}")
         digest, name = parts
-        path = _inside(folder, folder.resolve(), CHECKSUMS_NAME, name)
+        path = _inside(folder, folder.resolve(), manifest_name, name)
         if file_sha256(path) != digest:
             raise ValueError(
-                f"{str(path)!r} does not match its SHA-256 in {CHECKSUMS_NAME}: the file is "
-                "corrupted or was changed after it was saved"
+                f"{str(path)!r} does not match its SHA-256 in {manifest_name}: the file is "
+                "corrupted or was changed after it was written"
             )
+        names.append(name)
+    if not names:
+        raise ValueError(f"{str(manifest)!r} lists no file")
+    return names
 
 
 def expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from ..model_files import file_sha256
+from ..model_files import checksum_lines, verify_checksums
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -55,8 +55,8 @@ logger = logging.getLogger(__name__)
 
 def write_manifest(path: Path) -> None:
     """Record the SHA-256 of `path` in `path` + ".sha256" (atomically, after the file)."""
-    line = f"{file_sha256(path)}  {path.name}\n".encode()
-    atomic_write(path.with_name(path.name + MANIFEST_SUFFIX), lambda f: f.write(line))
+    text = checksum_lines(path.parent, [path.name]).encode()
+    atomic_write(path.with_name(path.name + MANIFEST_SUFFIX), lambda f: f.write(text))
 
 
 def verify_manifest(path: Path) -> None:
@@ -64,19 +64,12 @@ def verify_manifest(path: Path) -> None:
 
     A checkpoint without a manifest (written by an earlier version) loads with a warning.
     """
-    manifest = path.with_name(path.name + MANIFEST_SUFFIX)
-    if not manifest.is_file():
+    manifest = path.name + MANIFEST_SUFFIX
+    verified = verify_checksums(path.parent, manifest)
+    if not verified:
         logger.warning("%s has no checksum manifest; it is loaded unverified", path)
-        return
-    try:
-        want = manifest.read_text().split()[0]
-    except (OSError, UnicodeDecodeError, IndexError):
-        raise ValueError(f"{str(manifest)!r} is not a readable checksum manifest") from None
-    if file_sha256(path) != want:
-        raise ValueError(
-            f"{str(path)!r} does not match its SHA-256 in {manifest.name}: the file is "
-            "corrupted or was changed after it was written"
-        )
+    elif path.name not in verified:
+        raise ValueError(f"{str(path.parent / manifest)!r} does not list {path.name}")
 
 
 def _fsync_dir(path: Path) -> None:

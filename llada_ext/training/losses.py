@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..model import config_token_id
+
 __all__ = [
     "EPS",
     "MaskNoise",
@@ -404,12 +406,8 @@ class MaskedLMObjective(nn.Module):
 
 
 def _mask_id(model: nn.Module, mask_id: int | None) -> int:
-    if mask_id is not None:
-        return int(mask_id)
     cfg = getattr(_unwrap(model), "config", None)
-    if cfg is None or getattr(cfg, "mask_token_id", None) is None:
-        raise ValueError("mask_id is required when the model has no config.mask_token_id")
-    return int(cfg.mask_token_id)
+    return int(config_token_id(cfg, "mask_token_id", mask_id, "mask_id", "the masked loss"))
 
 
 def pretrain_loss(

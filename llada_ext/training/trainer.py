@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..generation_config import GENERATION_CONFIG_NAME, fitting, write_generation_config
+from ..model import config_token_id
 from .checkpoint import (
     CheckpointManager,
     capture_rng_state,
@@ -57,7 +58,6 @@ from .distributed import (
 from .losses import (
     EPS,
     MaskedLMObjective,
-    _mask_id,
     build_pretrain_batch,
     build_sft_batch,
     cut_length,
@@ -324,7 +324,9 @@ class Trainer:
         self.model.train()
         if config.gradient_checkpointing:
             self.model.gradient_checkpointing = True
-        self.mask_id = _mask_id(self.model, None)
+        self.mask_id = config_token_id(
+            self.model.config, "mask_token_id", None, "mask_id", "training"
+        )
         self.bf16 = config.precision == "bf16" or (
             config.precision == "auto" and self.device.type == "cuda"
         )
