@@ -4,7 +4,6 @@
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
-#include <string.h>
 
 #include <string>
 
@@ -341,12 +340,7 @@ llada_status llada_attention_bwd(const llada_tensor* q, const llada_tensor* k,
   p.dv_st = bsh(dv);
   p.workspace = workspace;
   p.workspace_bytes = workspace_bytes;
-#if defined(LLADA_EMU)
-  emu::note_global(workspace, workspace_bytes, "workspace");
-  // scratch the kernels must initialise themselves: poisoned, so a read of a byte no kernel
-  // wrote gives NaN rather than a lucky zero
-  if (workspace != nullptr) memset(workspace, 0xff, workspace_bytes);
-#endif
+  note_workspace(workspace, workspace_bytes);
   return dispatch(q, p, cpu::attention_bwd, [](const AttnBwdParams& pp) {
 #ifdef LLADA_WITH_CUDA
     return cuda::attention_bwd(pp);
@@ -523,12 +517,7 @@ llada_status llada_remask(const llada_tensor* logits, const llada_tensor* uncond
   p.p = rp;
   p.workspace = workspace;
   p.workspace_bytes = workspace_bytes;
-#if defined(LLADA_EMU)
-  emu::note_global(workspace, workspace_bytes, "workspace");
-  // scratch the kernels must initialise themselves: poisoned, so a read of a byte no kernel
-  // wrote gives NaN rather than a lucky zero
-  if (workspace != nullptr) memset(workspace, 0xff, workspace_bytes);
-#endif
+  note_workspace(workspace, workspace_bytes);
   p.stream = stream;
   if (B == 0) return LLADA_OK;
   return dispatch(logits, p, cpu::remask, [](const RemaskParams& pp) {

@@ -4,6 +4,7 @@
 #include "validate.h"
 
 #include <stdint.h>
+#include <string.h>
 
 #if defined(LLADA_EMU)
 #include "emu/emu.h"
@@ -57,6 +58,16 @@ void note_extent(const llada_tensor* t, const char* name) {
                    static_cast<size_t>((hi - lo + 1) * es), name);
 }
 #endif
+
+void note_workspace(void* workspace, size_t bytes) {
+#if defined(LLADA_EMU)
+  emu::note_global(workspace, bytes, "workspace");
+  if (workspace != nullptr) memset(workspace, 0xff, bytes);
+#else
+  (void)workspace;
+  (void)bytes;
+#endif
+}
 
 // True when the element count and the byte span of a non-empty view fit in int64, so that
 // no size or offset computed from it (here or in a kernel) can overflow.

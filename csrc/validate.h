@@ -29,6 +29,11 @@ llada_status check_same_device(const llada_tensor* a, const char* an, const llad
                                const char* bn);
 llada_status check_float_dtype(const llada_tensor* t, const char* name, bool attention);
 
+// Executor build: notes the workspace as memory the kernels may touch and poisons it (0xff),
+// so that a read of scratch no kernel wrote gives NaN rather than a lucky zero. No-op
+// otherwise.
+void note_workspace(void* workspace, size_t bytes);
+
 // The CPU executor build (LLADA_EMU, csrc/emu) checks every global access of a kernel
 // against the tensors of the C call that launched it: check_view notes each validated tensor
 // with its byte extent, and CallScope clears the notes when a public entry point starts

@@ -1,12 +1,13 @@
 // The CPU executor of the CUDA kernels: runs a grid block by block; the threads of a block
 // are fibers (emu/fiber.h) that a round-robin scheduler resumes until each blocks at a
 // barrier or a warp collective, or exits.
-//   __syncthreads  completes when every thread that has not exited waits at it, all at one
-//                  source line; anything else that leaves no thread runnable is reported as
-//                  barrier divergence (with where each thread waits) instead of hanging.
-//   warp collectives (__syncwarp, shuffles, ldmatrix, mma.sync) complete when every lane
-//                  of the mask has arrived at the same instruction with the same mask; a lane
-//                  that exited or waits elsewhere is reported.
+//   __syncthreads  completes when every thread of the block waits at it, all at one source
+//                  line; threads at other lines, or that exited first, are reported as barrier
+//                  divergence (with where each thread waits) instead of hanging.
+//   warp collectives (__syncwarp, shuffles, ldmatrix, mma.sync) complete when every live lane
+//                  of the mask has arrived at the same instruction with the same mask; exited
+//                  lanes are left out (ldmatrix and mma.sync need all 32), a lane waiting
+//                  elsewhere is reported.
 //   cp.async       copies are held per thread, grouped at each commit, and land in shared
 //                  memory when a cp.async.wait_group lets their group complete; until then
 //                  the checker reports any access to their bytes.
@@ -68,11 +69,9 @@ Thread& current() {
   return *t;
 }
 
-void fiber_main(void* arg) {
-  Thread* t = static_cast<Thread*>(arg);
+void fiber_main(void* /*thread*/) {
   const Launch& l = *exec().launch;
   l.entry(l.ctx);
-  (void)t;
   leave_block();
 }
 
