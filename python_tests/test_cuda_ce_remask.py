@@ -82,7 +82,7 @@ def strided_rows(base: torch.Tensor, V: int, col0: int = 0) -> torch.Tensor:
     return base[..., ::2, col0 : col0 + V]
 
 
-def make_remask_case(B, L, W, V, offset, mask_id, dtype, seed, noncontig):
+def make_remask_case(B, L, W, V, offset, mask_id, dtype, seed, noncontig, device=CUDA):
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(B, 2 * W, V + 8, generator=g) * 3.0
     logits_cpu = strided_rows(base, V)
@@ -93,10 +93,10 @@ def make_remask_case(B, L, W, V, offset, mask_id, dtype, seed, noncontig):
     x[masked] = mask_id
     logits_cpu = logits_cpu.to(dtype)
     if noncontig:
-        base_dev = base.to(dtype).to(CUDA)
+        base_dev = base.to(dtype).to(device)
         logits_dev = strided_rows(base_dev, V)
     else:
-        logits_dev = logits_cpu.to(CUDA)
+        logits_dev = logits_cpu.to(device)
     return logits_cpu, logits_dev, x
 
 
@@ -329,15 +329,15 @@ def test_remask_cuda_graph_replay():
 # ---------------------------------------------------------------------------------------
 
 
-def ce_case(N, V, dtype, noncontig, seed, col0=0):
+def ce_case(N, V, dtype, noncontig, seed, col0=0, device=CUDA):
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(2 * N, V + 8, generator=g) * 2.5
     targets = torch.randint(0, V, (N,), generator=g)
     weights = torch.rand(N, generator=g) * 3.0 + 0.1
     weights[torch.rand(N, generator=g) < 0.5] = 0.0
-    base = base.to(dtype).to(CUDA)
+    base = base.to(dtype).to(device)
     logits = strided_rows(base, V, col0) if noncontig else base[:N, :V].contiguous()
-    return logits, targets.to(CUDA), weights.to(CUDA)
+    return logits, targets.to(device), weights.to(device)
 
 
 def tol_bound(kernel_err, torch_err, factor, floor):

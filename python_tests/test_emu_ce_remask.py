@@ -12,12 +12,13 @@ import pytest
 import torch
 from test_cuda_ce_remask import (
     assert_conf_close,
+    make_remask_case,
     ref_confidence,
     ref_masked_ce,
     ref_select,
-    strided_rows,
     tol_bound,
 )
+from test_cuda_ce_remask import ce_case as cuda_ce_case
 
 import llada_ext as lx
 from llada_ext import emu
@@ -31,13 +32,8 @@ STRATEGIES = ["low_confidence", "random", "margin", "entropy"]
 
 
 def remask_case(B, L, W, V, mask_id, dtype, seed, noncontig):
-    g = torch.Generator().manual_seed(seed)
-    base = (torch.randn(B, 2 * W, V + 8, generator=g) * 3.0).to(dtype)
-    logits = strided_rows(base, V)
-    logits = logits if noncontig else logits.contiguous()
-    x = torch.randint(0, V, (B, L), generator=g)
-    x[x == mask_id] = (mask_id + 1) % V
-    x[torch.rand(B, L, generator=g) < 0.6] = mask_id
+    """(logits, x) of the CUDA test's case, on the host."""
+    _, logits, x = make_remask_case(B, L, W, V, 0, mask_id, dtype, seed, noncontig, device="cpu")
     return logits, x
 
 
@@ -215,14 +211,8 @@ def test_remask_inplace_matches_out_of_place():
 
 
 def ce_case(N, V, dtype, noncontig, seed, col0=0):
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(2 * N, V + 8, generator=g) * 2.5
-    targets = torch.randint(0, V, (N,), generator=g)
-    weights = torch.rand(N, generator=g) * 3.0 + 0.1
-    weights[torch.rand(N, generator=g) < 0.5] = 0.0
-    base = base.to(dtype)
-    logits = strided_rows(base, V, col0) if noncontig else base[:N, :V].contiguous()
-    return logits, targets, weights
+    """The CUDA test's masked-CE case, on the host."""
+    return cuda_ce_case(N, V, dtype, noncontig, seed, col0, device="cpu")
 
 
 def ce_emu(logits, targets, weights, upstream):
