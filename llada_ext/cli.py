@@ -543,6 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_arguments(p)
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     p.set_defaults(func=_cmd_demo)
+    for sp in sub.choices.values():  # errors after parsing are reported with this usage
+        sp.set_defaults(usage_parser=sp)
     return parser
 
 
@@ -1069,14 +1071,6 @@ def _show_library_messages(debug: bool) -> None:
     log.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
-def _subparser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
-    """The parser of sub-command `command` (the top-level parser when there is none)."""
-    for action in parser._subparsers._group_actions if parser._subparsers else []:
-        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
-            return action.choices[command]
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``llada-ext`` command line.
 
@@ -1100,7 +1094,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args, unknown = parser.parse_known_args(argv)
         if unknown:
             # reported by the sub-command's own parser, so its usage is what the user sees
-            _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(unknown)}")
+            usage = getattr(args, "usage_parser", parser)
+            usage.error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as e:  # --help (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     if args.command is None:
