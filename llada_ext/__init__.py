@@ -29,6 +29,8 @@ def _preload_openblas() -> None:
 _preload_openblas()
 
 from . import _C  # noqa: E402
+from .generation_config import generation_settings  # noqa: E402
+from .hf import patch_hf_llada, unpatch_hf_llada  # noqa: E402
 from .likelihood import log_likelihood, score_choices  # noqa: E402
 from .model import LLaDAConfig, LLaDAModel  # noqa: E402
 from .ops import (  # noqa: E402
@@ -56,6 +58,9 @@ __all__ = [
     "truncate_at_eos",
     "log_likelihood",
     "score_choices",
+    "generation_settings",
+    "patch_hf_llada",
+    "unpatch_hf_llada",
     "has_cuda_kernels",
     "build_info",
 ]

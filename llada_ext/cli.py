@@ -505,8 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cfg-scale",
         type=float,
-        default=0.0,
-        help="classifier-free guidance scale (default: %(default)s)",
+        help="classifier-free guidance scale (default: the model folder's "
+        "generation_config.json, else 0)",
     )
     p.add_argument(
         "--normalize",
@@ -684,15 +684,16 @@ def _chat_enabled(mode: str, tokenizer: Any, folder: str) -> bool:
     return isinstance(data, dict) and bool(data.get("chat_template"))
 
 
-def _fill_generation_defaults(args: argparse.Namespace, config: Any) -> None:
+def _fill_generation_defaults(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
     """Sampler settings not given on the command line come from the model folder's
-    generation_config.json (else the LLaDA defaults)."""
+    generation_config.json (else the LLaDA defaults); returns the folder's settings."""
     from .generation_config import read_generation_config
 
     settings = read_generation_config(args.model)
-    for name in ("gen_length", "steps", "block_length", "temperature", "cfg_scale", "remasking"):
+    for name in names:
         if getattr(args, name) is None:
             setattr(args, name, settings[name])
+    return settings
 
 
 def _sampler_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -869,7 +870,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     prompts = _collect_prompts(args)
     model = _load_model(args.model, args.device, args.dtype, args.backend)
     apply_threads(args.threads, model.config.d_model)
-    _fill_generation_defaults(args, model.config)
+    settings = _fill_generation_defaults(
+        args, ("gen_length", "steps", "block_length", "temperature", "cfg_scale", "remasking")
+    )
     tok_folder = args.tokenizer or args.model
     tokenizer = load_tokenizer(tok_folder)
     if any(options.get(k) for k in ("eos_early_stop", "forbid_eos", "zero_eos_confidence")):
@@ -891,7 +894,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     chat = _chat_enabled(args.chat, tokenizer, tok_folder)
     from .model import config_token_id
 
-    mask_id = config_token_id(model.config, "mask_token_id", None, "mask_id", "sampling")
+    mask_id = config_token_id(
+        model.config, "mask_token_id", settings.get("mask_id"), "mask_id", "sampling"
+    )
     pad_id = int(tokenizer.eos_token_id)
     encoded = [_prompt_ids(tokenizer, text, chat) for text in prompts]
     for i, ids in enumerate(encoded):
@@ -920,6 +925,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             temperature=args.temperature,
             cfg_scale=args.cfg_scale,
             remasking=args.remasking,
+            mask_id=mask_id,
             generator=gen,
             **kwargs,
         )
@@ -935,12 +941,25 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _steps_printer(
     tokenizer: Any, mask_id: int, width: int, steps: int, first: int, numbered: bool
 ) -> Any:
-    """The sampler callback of ``--show-steps``: one stderr line per step and answer."""
+    """The sampler callback of ``--show-steps``: a legend, then one stderr line per step and
+    answer showing every position (masks and end tokens marked)."""
 
     from .sampling import render_canvas
 
+    marks = {}
+    for attr, mark in (("eos_token_id", "<eos>"), ("eot_token_id", "<eot>")):
+        if getattr(tokenizer, attr, None) is not None:
+            marks[int(getattr(tokenizer, attr))] = mark
+
     def callback(step: int, x: Any, confidence: Any) -> None:
-        for r, canvas in enumerate(render_canvas(tokenizer, x, width, mask_id, "_")):
+        if step == 0 and first == 0:
+            print(
+                "(_ = still masked, <eos>/<eot> = end of text / of turn: the answer is what "
+                "comes before the first of them)",
+                file=sys.stderr,
+                flush=True,
+            )
+        for r, canvas in enumerate(render_canvas(tokenizer, x, width, mask_id, "_", marks)):
             tag = f" [{first + r + 1}]" if numbered else ""
             print(f"step {step + 1}/{steps}{tag}: {_one_line(canvas)}", file=sys.stderr, flush=True)
 
@@ -956,6 +975,7 @@ def _cmd_loglik(args: argparse.Namespace) -> int:
     _set_threads(args)
     model = _load_model(args.model, args.device, args.dtype, args.backend)
     apply_threads(args.threads, model.config.d_model)
+    settings = _fill_generation_defaults(args, ("cfg_scale",))
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     prompt = torch.tensor(_prompt_ids(tokenizer, args.prompt, args.chat), dtype=torch.long)
     answers = list(args.answer)
@@ -974,6 +994,7 @@ def _cmd_loglik(args: argparse.Namespace) -> int:
         mc_num=args.mc_num,
         batch_size=args.batch_size,
         cfg_scale=args.cfg_scale,
+        mask_id=settings.get("mask_id"),
         generator=gen,
         normalize=args.normalize,
     )

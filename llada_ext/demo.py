@@ -358,7 +358,9 @@ def run_demo(
     # Sampling settings that fit the task (the longest prompt plus the answer fill the trained
     # rows), so `llada-ext sample --model <out>` works on this folder as it is.
     gen = DEMO_SEQ_LEN - max(len(r["prompt"]) for r in load_demo_corpus("train"))
-    write_generation_config(out, {"gen_length": gen, "steps": gen, "block_length": gen})
+    write_generation_config(
+        out, {"gen_length": gen, "steps": gen, "block_length": gen}, model.config
+    )
 
     # Evaluate the saved run, as a user would load it.
     loaded = LLaDAModel.from_pretrained(out, device=dev, backend=backend)
@@ -372,10 +374,14 @@ def run_demo(
         mark = "ok " if want == got else "err"
         print(f"  [{mark}] {prompt}{got!r:10s} (expected {want!r})")
 
-    example = shlex.quote(test[0]["prompt"])
+    # A held-out prompt whose evaluation above ran with the folder's own settings (prompt and
+    # answer fill the trained rows), so the printed command answers exactly as shown.
+    fits = [e for e in examples if len(e[0]) + gen == DEMO_SEQ_LEN] or examples
+    prompt, _, got = fits[0]
     # the very executable that ran the demo (scripts/demo.sh runs .venv/bin/llada-ext)
     exe = sys.argv[0] if os.path.basename(sys.argv[0]) == "llada-ext" else "llada-ext"
-    print(f"try it: {exe} sample --model {shlex.quote(str(out))} --prompt {example}")
+    print(f"try it: {exe} sample --model {shlex.quote(str(out))} --prompt {shlex.quote(prompt)}")
+    print(f"  it prints: {prompt}{got}")
     res: dict[str, Any] = {
         "accuracy": acc,
         "initial_loss": initial,

@@ -3,7 +3,7 @@
 The functions here take arrays of any library implementing the DLPack protocol
 (``__dlpack__`` / ``__dlpack_device__``) and return arrays of that same library. They are
 forward-only (no autograd) and have the semantics of the torch ops of the same name
-(``llada_ext.attention``, ``masked_cross_entropy``, ``remask``; see DESIGN.md section 3), except
+(``llada_ext.attention``, ``masked_cross_entropy``, ``remask``; see ``llada_ext.ops``), except
 that :func:`remask` takes an explicit Philox ``seed`` instead of a ``torch.Generator``.
 
 How each library is served (the first array argument decides):

@@ -502,8 +502,12 @@ if _LM is not None:
             reference script); ``"auto"`` means 16. Must divide ``mc_num``.
         max_batch_size : optional
             Accepted for the harness and ignored.
-        mc_num, cfg_scale, check_greedy, gen_length, steps, block_length, remasking, chat,
-        generate_batch_size, seed, respect_max_gen_toks, add_bos, progress
+        gen_length, steps, block_length, remasking, cfg_scale
+            As in :class:`LLaDAEvalAdapter`; by default the folder's
+            ``generation_config.json`` (written by ``train``, ``sft`` and ``demo``), else the
+            LLaDA defaults.
+        mc_num, check_greedy, chat, generate_batch_size, seed, respect_max_gen_toks, add_bos,
+        progress
             As in :class:`LLaDAEvalAdapter`.
         """
 
@@ -517,12 +521,12 @@ if _LM is not None:
             mc_num: int | str = 128,
             batch_size: int | str = 16,
             max_batch_size: int | str | None = None,
-            cfg_scale: float | str = 0.0,
+            cfg_scale: float | str | None = None,
             check_greedy: bool | str = True,
-            gen_length: int | str = 256,
-            steps: int | str = 256,
-            block_length: int | str = 32,
-            remasking: str = "low_confidence",
+            gen_length: int | str | None = None,
+            steps: int | str | None = None,
+            block_length: int | str | None = None,
+            remasking: str | None = None,
             chat: bool | str = False,
             generate_batch_size: int | str = 8,
             seed: int | str | None = 1234,
@@ -531,6 +535,7 @@ if _LM is not None:
             progress: bool | str = True,
         ) -> None:
             super().__init__()
+            from llada_ext.generation_config import read_generation_config
             from llada_ext.model import LLaDAModel
             from llada_ext.tokenizer import load_tokenizer
 
@@ -545,6 +550,13 @@ if _LM is not None:
                 backend=str(backend),
             )
             tok = load_tokenizer(str(tokenizer) if tokenizer is not None else str(pretrained))
+            # settings not given come from the folder's generation_config.json
+            folder = read_generation_config(str(pretrained))
+            gen_length = folder["gen_length"] if gen_length is None else gen_length
+            steps = folder["steps"] if steps is None else steps
+            block_length = folder["block_length"] if block_length is None else block_length
+            remasking = folder["remasking"] if remasking is None else remasking
+            cfg_scale = folder["cfg_scale"] if cfg_scale is None else cfg_scale
             self._device = torch.device(str(device))
             self.adapter = LLaDAEvalAdapter(
                 model,

@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 GENERATION_CONFIG_NAME = "generation_config.json"
+#: Token ids a folder may name for the sampler (``generate``'s argument -> config attribute);
+#: when absent, ``generate`` takes them from the model's config.
+_ID_KEYS = {"mask_id": "mask_token_id", "eos_id": "eos_token_id", "eot_id": "eot_token_id"}
 
 #: The sampler settings used when a folder has no generation_config.json.
 DEFAULTS: dict[str, Any] = {
@@ -32,11 +35,18 @@ def fitting(seq_len: int) -> dict[str, Any]:
     return {**DEFAULTS, "gen_length": n, "steps": n, "block_length": n}
 
 
-def write_generation_config(folder: str | Path, settings: dict[str, Any]) -> Path:
-    """Writes `settings` (checked like ``generate``'s arguments) to the folder."""
+def write_generation_config(
+    folder: str | Path, settings: dict[str, Any], config: Any = None
+) -> Path:
+    """Writes `settings` (checked like ``generate``'s arguments) to the folder, with the
+    mask / EOS / end-of-turn ids of the model `config` when one is given."""
     from .sampling.core import check_schedule
 
     settings = {**DEFAULTS, **settings}
+    for key, attr in _ID_KEYS.items():
+        value = getattr(config, attr, None) if config is not None else None
+        if value is not None:
+            settings.setdefault(key, int(value))
     check_schedule(settings["gen_length"], settings["steps"], settings["block_length"])
     path = Path(folder) / GENERATION_CONFIG_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,5 +71,38 @@ def read_generation_config(folder: str | Path) -> dict[str, Any]:
         raise ValueError(f"{str(path)!r} is not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{str(path)!r} must hold a JSON object")
-    known = {k: v for k, v in data.items() if k in DEFAULTS}
+    known = {k: v for k, v in data.items() if k in DEFAULTS or k in _ID_KEYS}
+    for key in _ID_KEYS:
+        value = known.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{str(path)!r}: {key} must be a token id, got {value!r}")
     return {**DEFAULTS, **known}
+
+
+def generation_settings(folder: str | Path) -> dict[str, Any]:
+    """Keyword arguments of :func:`llada_ext.generate` recommended by a run folder.
+
+    ``lx.generate(model, prompt, **lx.generation_settings(folder))`` samples with the settings
+    that ``train``, ``sft`` or ``demo`` wrote for the model in ``folder`` (its
+    ``generation_config.json``), or with the LLaDA defaults when it has none. Keywords given
+    after the unpacking still win: ``generate(..., **settings, temperature=0.7)`` is an error
+    in Python, so update the dict instead (``settings["temperature"] = 0.7``).
+
+    Parameters
+    ----------
+    folder : str or PathLike
+        A model / run folder.
+
+    Returns
+    -------
+    dict
+        ``gen_length``, ``steps``, ``block_length``, ``temperature``, ``cfg_scale``,
+        ``remasking``, and ``mask_id`` / ``eos_id`` / ``eot_id`` where the folder names them.
+
+    Raises
+    ------
+    ValueError
+        The folder's generation_config.json is malformed.
+    """
+    settings = read_generation_config(folder)
+    return {k: v for k, v in settings.items() if v is not None}

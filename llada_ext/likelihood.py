@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .model import config_token_id
+from .model import config_token_id, model_device, warn_if_too_long
 
 __all__ = ["log_likelihood", "score_choices", "stratified_mask"]
 
@@ -149,18 +149,14 @@ def log_likelihood(
     answer = _as_1d_ids(answer_ids, "answer_ids")
     if answer.numel() == 0:
         raise ValueError("answer_ids must hold at least one token")
+    warn_if_too_long(model, prompt.numel() + answer.numel(), "prompt + answer")
     mask_id = config_token_id(
         getattr(model, "config", None), "mask_token_id", mask_id, "mask_id", "the likelihood"
     )
 
-    from llada_ext.ops import linear_masked_cross_entropy
-
-    device = model.device
+    device = model_device(model)
     plen, alen = prompt.numel(), answer.numel()
     seq = torch.cat([prompt, answer]).to(device)[None].expand(batch_size, -1).contiguous()
-    weight = model.lm_head.weight
-    # the fused kernel covers float32/bfloat16/float16; a float64 model runs it in float32
-    ce_dtype = torch.float32 if weight.dtype == torch.float64 else weight.dtype
     total = torch.zeros((), dtype=torch.float64, device=device)
     for _ in range(mc_num // batch_size):
         is_mask, num_masked = stratified_mask(alen, batch_size, generator)
@@ -169,19 +165,39 @@ def log_likelihood(
         noisy[:, plen:] = torch.where(is_mask, mask_id, seq[:, plen:])
         weights = torch.zeros(batch_size, plen + alen, dtype=torch.float32, device=device)
         weights[:, plen:] = is_mask * (alen / num_masked.to(torch.float32))[:, None]
+        inp = noisy
         if cfg_scale > 0:
             uncond = noisy.clone()
             uncond[:, :plen] = mask_id
-            both = model.forward_hidden(torch.cat([noisy, uncond], dim=0))
-            cond_h, uncond_h = both[:batch_size].float(), both[batch_size:].float()
-            hidden = (cfg_scale + 1) * cond_h - cfg_scale * uncond_h
-        else:
-            hidden = model.forward_hidden(noisy)
-        loss = linear_masked_cross_entropy(
-            hidden.to(ce_dtype), weight.to(ce_dtype), seq, weights, reduction="sum"
-        )
+            inp = torch.cat([noisy, uncond], dim=0)
+        loss = _masked_loss(model, inp, seq, weights, cfg_scale)
         total += loss.double() / batch_size
     return -float(total) / (mc_num // batch_size)
+
+
+def _masked_loss(
+    model: torch.nn.Module, inp: Tensor, seq: Tensor, weights: Tensor, cfg_scale: float
+) -> Tensor:
+    """Sum of the weighted CE of ``seq`` under the model's predictions for ``inp`` (with the
+    unconditional half after the conditional one when ``cfg_scale > 0``)."""
+    from llada_ext.ops import linear_masked_cross_entropy, masked_cross_entropy
+
+    b = seq.shape[0]
+    if hasattr(model, "forward_hidden") and hasattr(model, "lm_head"):
+        # LLaDAModel: the fused LM head, the [B, L, V] logits never exist
+        out, weight = model.forward_hidden(inp), model.lm_head.weight
+    else:  # any model whose call returns .logits (e.g. the Hugging Face LLaDA model)
+        out, weight = model(inp).logits, None
+    dtype = out.dtype
+    if cfg_scale > 0:  # guidance is linear: mixing hidden states mixes the logits
+        out = (cfg_scale + 1) * out[:b].float() - cfg_scale * out[b:].float()
+    # the kernels cover float32/bfloat16/float16; a float64 model runs them in float32
+    dtype = torch.float32 if dtype == torch.float64 else dtype
+    if weight is None:
+        return masked_cross_entropy(out.to(dtype), seq, weights, reduction="sum")
+    return linear_masked_cross_entropy(
+        out.to(dtype), weight.to(dtype), seq, weights, reduction="sum"
+    )
 
 
 def score_choices(

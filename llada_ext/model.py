@@ -24,6 +24,7 @@ against cached keys and values of the rest (block caching, see ``llada_ext.sampl
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -50,6 +51,8 @@ from .model_files import (
 
 __all__ = ["KVCache", "LLaDAConfig", "LLaDAModel", "ModelOutput"]
 
+log = logging.getLogger(__name__)
+
 CONFIG_NAME = "config.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 _SPECIAL_IDS = ("mask_token_id", "eos_token_id", "bos_token_id", "pad_token_id", "eot_token_id")
@@ -72,6 +75,37 @@ BACKENDS = ("kernels", "torch")
 # --------------------------------------------------------------------------------------------
 # configuration
 # --------------------------------------------------------------------------------------------
+#: Architecture switches of the published config format (and of the Hugging Face LLaDA code)
+#: with the values this model implements. A config that sets one otherwise describes another
+#: network, which would load without error and compute something else.
+_ARCHITECTURE = {
+    "block_type": ("llama",),
+    "activation_type": ("silu",),
+    "layer_norm_type": ("rms",),
+    "rope": (True,),
+    "alibi": (False,),
+    "weight_tying": (False,),
+    "include_bias": (False,),
+    "include_qkv_bias": (False, None),
+    "bias_for_layer_norm": (False, None),
+    "attention_layer_norm": (False,),
+    "input_emb_norm": (False,),
+    "scale_logits": (False,),
+    "block_group_size": (1,),
+    "layer_norm_with_affine": (True,),
+}
+
+
+def _check_architecture(data: dict[str, Any]) -> None:
+    for key, allowed in _ARCHITECTURE.items():
+        if key in data and not any(
+            data[key] is a if a is None or isinstance(a, bool) else data[key] == a for a in allowed
+        ):
+            raise ValueError(
+                f"config {key}={data[key]!r} is not supported: this LLaDA model implements "
+                f"{key}={allowed[0]!r} (a non-causal Llama block: RMSNorm, RoPE, SwiGLU MLP, "
+                "no biases, untied LM head)"
+            )
 
 
 def config_token_id(config: object, attr: str, given: int | None, name: str, why: str) -> int:
@@ -89,6 +123,27 @@ def config_token_id(config: object, attr: str, given: int | None, name: str, why
     if value is None:
         raise ValueError(f"{name} is required for {why} (the model config has no {attr})")
     return int(value)
+
+
+def warn_if_too_long(model: nn.Module, length: int, what: str) -> None:
+    """Log a warning when ``length`` tokens exceed the model's ``max_sequence_length``."""
+    limit = getattr(getattr(model, "config", None), "max_sequence_length", None)
+    if isinstance(limit, int) and length > limit:
+        log.warning(
+            "%s is %d tokens, beyond the model's max_sequence_length of %d: it was never "
+            "trained on sequences this long, so expect poor results",
+            what,
+            length,
+            limit,
+        )
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where a model runs: its ``.device`` (Hugging Face style), else its first parameter's."""
+    device = getattr(model, "device", None)
+    if device is None:
+        device = next(model.parameters()).device
+    return torch.device(device)
 
 
 @dataclass
@@ -274,6 +329,10 @@ class LLaDAConfig:
             "include_bias": False,
             "weight_tying": False,
             "alibi": False,
+            # no dropout anywhere (the reference code's defaults are 0.1)
+            "attention_dropout": 0.0,
+            "residual_dropout": 0.0,
+            "embedding_dropout": 0.0,
         }
         return out
 
@@ -296,20 +355,20 @@ class LLaDAConfig:
         """
         if not isinstance(data, dict):
             raise TypeError(f"config must be a dict, got {type(data).__name__}")
-        if data.get("weight_tying", False):
-            raise ValueError("tied embeddings (weight_tying=true) are not supported")
-        if data.get("alibi", False):
-            raise ValueError("ALiBi models (alibi=true) are not supported; LLaDA uses RoPE")
+        _check_architecture(data)
         names = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in names}
+        if kwargs.get("mlp_hidden_size") is None and "mlp_ratio" in data:
+            kwargs["mlp_hidden_size"] = data["mlp_ratio"] * kwargs.get("d_model", cls.d_model)
         if "initializer_range" not in kwargs and data.get("init_std") is not None:
             kwargs["initializer_range"] = data["init_std"]
         emb = data.get("embedding_size")
         vocab = kwargs.get("vocab_size", cls.vocab_size)
         if emb is not None and emb > vocab:
             kwargs["vocab_size"] = emb
-        if kwargs.get("n_kv_heads") is None:  # missing or null: multi-head attention
-            kwargs["n_kv_heads"] = kwargs.get("n_heads", cls.n_heads)
+        if kwargs.get("n_kv_heads") is None:  # missing or null: multi-head or multi-query
+            mqa = data.get("multi_query_attention") is True
+            kwargs["n_kv_heads"] = 1 if mqa else kwargs.get("n_heads", cls.n_heads)
         final_vocab = kwargs.get("vocab_size", vocab)
         for key in _SPECIAL_IDS:
             # A missing id takes LLaDA-8B's only where it fits the vocabulary; else the model
@@ -401,7 +460,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def _kernel_attention_supported(t: torch.Tensor) -> bool:
-    # dtypes of DESIGN section 3 and the head dims the CUDA kernels are built for (a multiple
+    # the dtypes lx.attention documents and the head dims the CUDA kernels are built for (a multiple
     # of 8, at most 256); anything else takes the torch path instead of failing
     if t.device.type == "cpu":
         return t.dtype in (torch.float32, torch.bfloat16)
@@ -747,6 +806,38 @@ class LLaDAModel(nn.Module):
                 state[name] = tensor.to(target)
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval()
+
+    @classmethod
+    def from_hf(cls, model: nn.Module, *, backend: str = "kernels") -> LLaDAModel:
+        """Wrap a Hugging Face LLaDA model's parameters in this model, without copying them.
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            ``LLaDAModelLM`` from the LLaDA modeling code (``transformers`` with
+            ``trust_remote_code=True``), patched by :func:`llada_ext.patch_hf_llada` or not.
+        backend : {"kernels", "torch"}
+            Attention backend of the returned model.
+
+        Returns
+        -------
+        LLaDAModel
+            Holding the very ``nn.Parameter`` objects of ``model`` (an update through either
+            model is seen by both), in ``model``'s train/eval mode. Its logits equal the
+            Hugging Face model's on unpadded input; unlike that code it honours
+            ``attention_mask``.
+
+        Raises
+        ------
+        TypeError
+            ``model`` is not a Hugging Face LLaDA model.
+        ValueError
+            Its config describes an architecture this model does not implement, or its
+            weights do not fit the config.
+        """
+        from .hf import llada_from_hf
+
+        return llada_from_hf(model, backend=backend)
 
     def save_pretrained(
         self, folder: str | os.PathLike, *, max_shard_size: int = DEFAULT_MAX_SHARD_BYTES

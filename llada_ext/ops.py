@@ -1,4 +1,4 @@
-"""Public torch ops of llada_ext (DESIGN.md section 3).
+"""Public torch ops of llada_ext: attention, masked cross-entropy, remasking.
 
 Each op validates its arguments here (a ``ValueError`` or ``TypeError`` naming the argument),
 allocates its outputs with torch and calls the kernel library through ``llada_ext._C`` on the

@@ -444,7 +444,8 @@ def test_sample_show_steps(trained, capsys) -> None:
     assert main(argv + ["--json"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["answer"] == answer
-    lines = captured.err.splitlines()
+    legend, *lines = captured.err.splitlines()
+    assert "<eos>" in legend and "masked" in legend
     assert len(lines) == 8
     canvases = []
     for n, line in enumerate(lines, start=1):
@@ -454,12 +455,15 @@ def test_sample_show_steps(trained, capsys) -> None:
     assert [c.count("_") for c in canvases] == [7, 6, 5, 4, 3, 2, 1, 0]
     # the second block stays masked while the first fills
     assert all(c.endswith("____") for c in canvases[:3])
+    # the last frame is the answer, then nothing or its end tokens, each marked
     assert canvases[-1].startswith(answer)
+    rest = canvases[-1][len(answer) :]
+    assert rest == "" or rest.startswith(("<eos>", "<eot>")), canvases[-1]
 
     # several prompts sampled together: one line per step and prompt, numbered
     argv = ["sample", "--model", trained, *SAMPLE, "--prompt", "the cat", "--prompt", "a"]
     assert main(argv + ["--show-steps", "--batch-size", "2"]) == 0
-    lines = capsys.readouterr().err.splitlines()
+    _, *lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 16
     assert lines[0].startswith("step 1/8 [1]: ") and lines[1].startswith("step 1/8 [2]: ")
     assert lines[-1].startswith("step 8/8 [2]: ") and "_" not in lines[-1]

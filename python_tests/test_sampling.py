@@ -937,3 +937,53 @@ def test_left_pad_right_aligns_prompts_for_generate():
     for r, p in enumerate(prompts):
         alone = lx.generate(model, torch.tensor([p]), **kw)
         assert torch.equal(out[r : r + 1, 3 - len(p) :], alone)
+
+
+# ------------------------------------------------------------------------------------------
+# run-folder settings, canvas rendering, length warnings
+# ------------------------------------------------------------------------------------------
+def test_render_canvas_shows_every_position_with_marks():
+    from llada_ext.sampling import render_canvas
+    from llada_ext.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    x = torch.tensor([[ord("p"), ord("a"), 257, 258, ord("b"), 259, 257]])
+    marks = {257: "<eos>", 259: "<eot>"}
+    assert render_canvas(tok, x, 1, 258, "_", marks) == ["a<eos>_b<eot><eos>"]
+    assert render_canvas(tok, x, 1, 258) == ["a_b"]  # without marks decoding hides them
+
+
+def test_generation_settings_of_a_folder_feed_generate(tmp_path):
+    from llada_ext.generation_config import write_generation_config
+
+    model = tiny_model()
+    assert lx.generation_settings(tmp_path)["gen_length"] == 64  # no file: LLaDA defaults
+    write_generation_config(
+        tmp_path, {"gen_length": 6, "steps": 6, "block_length": 3}, model.config
+    )
+    settings = lx.generation_settings(tmp_path)
+    assert settings["mask_id"] == model.config.mask_token_id
+    assert settings["eos_id"] == model.config.eos_token_id
+    prompt = torch.randint(0, 50, (2, 5))
+    out = lx.generate(model, prompt, **settings)
+    assert out.shape == (2, 11)
+    ref = lx.generate(model, prompt, gen_length=6, steps=6, block_length=3)
+    assert torch.equal(out, ref)
+    (tmp_path / "generation_config.json").write_text('{"mask_id": "x"}')
+    with pytest.raises(ValueError, match="mask_id"):
+        lx.generation_settings(tmp_path)
+
+
+def test_warns_beyond_max_sequence_length(caplog):
+    model = tiny_model()
+    model.config.max_sequence_length = 12
+    prompt = torch.randint(0, 50, (1, 5))
+    with caplog.at_level("WARNING", logger="llada_ext"):
+        lx.generate(model, prompt, gen_length=6, steps=6, block_length=6)
+    assert not caplog.records  # 11 tokens fit
+    with caplog.at_level("WARNING", logger="llada_ext"):
+        lx.generate(model, prompt, gen_length=8, steps=8, block_length=8)
+        lx.log_likelihood(model, prompt[0], torch.arange(9), mc_num=2, batch_size=2)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 2 and "13 tokens" in msgs[0] and "14 tokens" in msgs[1]
+    assert all("max_sequence_length of 12" in m for m in msgs)

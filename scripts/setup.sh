@@ -5,6 +5,7 @@
 #
 #   LLADA_CUDA=0|1   CPU-only / require CUDA kernels (default: CUDA whenever nvcc is found)
 #   LLADA_VENV=dir   virtual environment to use (default .venv)
+#   LLADA_TEST_EXTRAS=1  also install the test suite's extras (scripts/test.sh sets it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${LLADA_VENV:-.venv}"
@@ -31,6 +32,21 @@ done
 if [ ${#need[@]} -gt 0 ]; then
   echo "[setup] installing ${need[*]}"
   pip_q "${need[@]}"
+fi
+# The test command also installs what its tests compare against or integrate with: the
+# Hugging Face LLaDA modeling code's dependencies (transformers 4.46.3, as the published model
+# pins it, and einops) and lm-evaluation-harness. pip may move tokenizers to the release
+# transformers pins; the project works with either.
+if [ "${LLADA_TEST_EXTRAS:-0}" = 1 ]; then
+  extras=()
+  "$PY" -c "import transformers, sys; sys.exit(transformers.__version__ != '4.46.3')" \
+    >/dev/null 2>&1 || extras+=("transformers==4.46.3")
+  "$PY" -c "import einops" >/dev/null 2>&1 || extras+=(einops)
+  "$PY" -c "import lm_eval" >/dev/null 2>&1 || extras+=("lm_eval==0.4.13")
+  if [ ${#extras[@]} -gt 0 ]; then
+    echo "[setup] installing test extras: ${extras[*]}"
+    pip_q "${extras[@]}"
+  fi
 fi
 # CuTe's layout headers (the nvidia-cutlass wheel, headers only: no dependencies) are the
 # independent source the executor's tensor-core lane maps are checked against.

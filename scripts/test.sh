@@ -4,7 +4,7 @@
 # the CUDA tests run when a GPU is present).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+LLADA_TEST_EXTRAS=1 bash scripts/setup.sh
 VENV="${LLADA_VENV:-.venv}"
 export PATH="$(cd "$VENV/bin" && pwd):$PATH"
 echo "[test] ruff"

@@ -72,7 +72,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..model import config_token_id
+from ..model import config_token_id, model_device, warn_if_too_long
 from .graphs import SamplerGraphs
 from .select import DEMOTED, select_transfer
 
@@ -463,13 +463,11 @@ def generate(
         int64 [B, P + gen_length]: the prompt followed by the answer (cut it at EOS with
         :func:`llada_ext.sampling.decode_answers`).
     """
-    device = getattr(model, "device", None)
-    if device is None:
-        device = next(model.parameters()).device
-    device = torch.device(device)
+    device = model_device(model)
     prompt = _as_2d_ids(prompt_ids, "prompt_ids", device)
     batch, plen = prompt.shape
     steps_per_block = check_schedule(gen_length, steps, block_length)
+    warn_if_too_long(model, plen + gen_length, "prompt + gen_length")
     num_blocks = gen_length // block_length
     if remasking not in REMASKING:
         raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")

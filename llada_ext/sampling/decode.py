@@ -98,16 +98,17 @@ def decode_answers(
     return [tokenizer.decode(r, skip_special_tokens=skip_special_tokens) for r in rows]
 
 
-def _render_canvas(tokenizer: Any, row: Sequence[int], mask_id: int, placeholder: str) -> str:
-    """The answer canvas as text, each mask token shown as ``placeholder``."""
+def _render_canvas(tokenizer: Any, row: Sequence[int], marks: dict[int, str]) -> str:
+    """The answer canvas as text, each token of ``marks`` shown as its mark."""
     parts: list[str] = []
     run: list[int] = []
     for t in row:
-        if int(t) == mask_id:
+        mark = marks.get(int(t))
+        if mark is not None:
             if run:
                 parts.append(tokenizer.decode(run))
                 run = []
-            parts.append(placeholder)
+            parts.append(mark)
         else:
             run.append(int(t))
     if run:
@@ -116,9 +117,18 @@ def _render_canvas(tokenizer: Any, row: Sequence[int], mask_id: int, placeholder
 
 
 def render_canvas(
-    tokenizer: Any, ids: Tensor, prompt_length: int, mask_id: int, placeholder: str = "_"
+    tokenizer: Any,
+    ids: Tensor,
+    prompt_length: int,
+    mask_id: int,
+    placeholder: str = "_",
+    marks: dict[int, str] | None = None,
 ) -> list[str]:
     """Each row's answer canvas as text with masked positions shown as ``placeholder``.
+
+    Every position is shown: tokens that decoding hides (EOS, end of turn) get a visible
+    mark through ``marks``, so the canvas of the last step reads as the answer followed by
+    its end tokens (the answer is what comes before the first of them).
 
     Parameters
     ----------
@@ -132,10 +142,13 @@ def render_canvas(
         The mask token id.
     placeholder : str
         Text shown for each still-masked token.
+    marks : dict of int to str, optional
+        Text shown for other token ids, e.g. ``{eos_id: "<eos>"}``.
 
     Returns
     -------
     list of str
     """
     rows = ids[:, prompt_length:].tolist() if isinstance(ids, Tensor) else ids
-    return [_render_canvas(tokenizer, r, mask_id, placeholder) for r in rows]
+    shown = {**(marks or {}), int(mask_id): placeholder}
+    return [_render_canvas(tokenizer, r, shown) for r in rows]

@@ -572,7 +572,7 @@ class Trainer:
         cpu_model.save_pretrained(self.out_dir)
         if not (self.out_dir / GENERATION_CONFIG_NAME).exists():
             # sampling settings that fit the rows this model was trained on
-            write_generation_config(self.out_dir, fitting(self.dataset.seq_len))
+            write_generation_config(self.out_dir, fitting(self.dataset.seq_len), self.model.config)
         if self.tokenizer_folder is not None:
             for name in _TOKENIZER_FILES:
                 src = self.tokenizer_folder / name
