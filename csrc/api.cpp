@@ -419,7 +419,7 @@ llada_status llada_remask_workspace_size(const llada_tensor* logits, const llada
   *bytes = 0;
 #ifdef LLADA_WITH_CUDA
   if (logits->device_type == LLADA_CUDA)
-    *bytes = cuda::remask_workspace_size(logits->shape[0], logits->shape[1]);
+    *bytes = cuda::remask_workspace_size(logits->shape[0], logits->shape[1], logits->shape[2]);
 #endif
   return LLADA_OK;
 }

@@ -239,6 +239,9 @@ def remask(
         x_out = torch.empty_like(x)
     x0 = torch.empty((B, W), dtype=torch.int64)
     conf = torch.empty((B, W), dtype=torch.float32)
+    ws_bytes = _load().remask_workspace_size(_view(logits), _view(x))
+    # 8-byte aligned scratch of exactly ws_bytes (the row states hold doubles)
+    ws = torch.empty((ws_bytes + 7) // 8, dtype=torch.float64)
     _call(
         "remask",
         _view(logits),
@@ -256,8 +259,8 @@ def remask(
         _view(x_out),
         _view(x0),
         _view(conf),
-        0,
-        0,
+        ws.data_ptr() if ws_bytes else 0,
+        ws_bytes,
         0,
     )
     return x_out, x0, conf

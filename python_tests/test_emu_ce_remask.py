@@ -110,6 +110,108 @@ def test_remask_cfg_threshold_matches_cpu(temperature, dtype, V):
     assert torch.equal(xd, ref_select(x, x0d, cd, cand, torch.tensor([2, 2]), offset, 0.05))
 
 
+# Slices per row of the CUDA row pass: until ~256 CTAs run, at least 8192 logits each
+# (csrc/cuda/remask.cu); a slice's state is 40 bytes of workspace.
+ROW_STATE_BYTES = 40
+
+
+@pytest.mark.parametrize("strategy", ["low_confidence", "margin", "entropy"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize(
+    "V,dtype,splits",
+    [(16411, torch.float32, 2), (24576, torch.bfloat16, 3)],  # scalar / vector path
+)
+def test_remask_split_vocabulary_matches_cpu(strategy, temperature, V, dtype, splits):
+    """Few rows: each row's vocabulary is cut into slices that separate CTAs reduce, then a
+    merge kernel combines them. x0 must stay bit-identical to the CPU twin, at temperature 0
+    and with Gumbel noise (where the float pre-test discards most tokens)."""
+    B, L, W, offset, mask_id = 1, 9, 2, 4, 5
+    logits, x = remask_case(B, L, W, V, mask_id, dtype, V + splits, noncontig=False)
+    x[:, offset : offset + W] = mask_id  # both rows are candidates
+    x[0, 0] = mask_id  # outside the window: never touched
+    ws = emu._load().remask_workspace_size(emu._view(logits), emu._view(x))
+    assert ws == B * W * splits * ROW_STATE_BYTES
+    unc = None
+    if dtype == torch.bfloat16:  # CFG through the sliced path too
+        unc = (torch.randn(B, W, V, generator=torch.Generator().manual_seed(3)) * 2).to(dtype)
+    (xc, x0c, cc), (xd, x0d, cd) = remask_cpu_and_emu(
+        logits,
+        x,
+        1,
+        77,
+        uncond=unc,
+        mask_id=mask_id,
+        offset=offset,
+        strategy=strategy,
+        temperature=temperature,
+        cfg_scale=0.5 if unc is not None else 0.0,
+    )
+    assert torch.equal(x0c, x0d)
+    assert torch.equal(xc, xd)
+    assert_conf_close(cc, cd, strategy)
+
+
+def test_remask_gumbel_near_uniform_rows_match_cpu():
+    """Nearly equal logits at temperature 1: the Gumbel draws alone decide, so many tokens
+    come within a hair of the best key, exactly where a float pre-test that skips too
+    eagerly would drop the true winner."""
+    B, W, V, mask_id = 4, 32, 4096, 1
+    logits = torch.randn(B, W, V, generator=torch.Generator().manual_seed(8)) * 0.01
+    x = torch.full((B, W), mask_id)
+    (xc, x0c, cc), (xd, x0d, cd) = remask_cpu_and_emu(
+        logits, x, 3, 2024, mask_id=mask_id, temperature=1.0
+    )
+    assert len(set(x0c.flatten().tolist())) > B * W // 2  # the noise, not the logits, decides
+    assert torch.equal(x0c, x0d)
+    assert torch.equal(xc, xd)
+
+
+def _unit_double(a: int, b: int) -> float:
+    """philox_to_unit_double (csrc/common/philox.h) in Python."""
+    bits = ((a >> 5) << 26) | (b >> 6)
+    return min((bits + 0.5) * 2.0**-53, 1.0 - 2.0**-53)
+
+
+def test_gumbel_pretest_never_skips_a_possible_winner():
+    """The CUDA remask's float pre-test, tried right at its boundary: tokens whose uniform
+    puts their Gumbel value within a hair of what winning needs. Every token it skips must
+    lose to the best key (in exact double arithmetic, with room to spare), and it must skip
+    the clear losers, or it would save nothing."""
+    import math
+    import random
+
+    pretest = emu._load().remask_gumbel_pretest
+    rng = random.Random(0)
+    skipped = clear_losers = clear_skipped = 0
+    for n in range(20000):
+        temperature = rng.choice([0.25, 0.7, 1.0, 1.7])
+        key = rng.uniform(-60.0, 60.0)
+        gap = rng.uniform(-1.0, 40.0)
+        l = float(torch.tensor((key - gap) * temperature, dtype=torch.float32))
+        true_gap = key - l / temperature
+        # 1 - u = exp(-gap) * (1 + delta): delta < 0 can win, delta > 0 cannot
+        delta = rng.uniform(-0.2, 0.2) if n % 2 else rng.uniform(-2e-3, 2e-3)
+        one_minus_u = min(max(math.exp(-true_gap) * (1 + delta), 2.0**-52), 1.0 - 2.0**-52)
+        bits = int((1.0 - one_minus_u) * 2.0**53)
+        a = ((bits >> 26) << 5) | rng.getrandbits(5)
+        b = ((bits & ((1 << 26) - 1)) << 6) | rng.getrandbits(6)
+        u = _unit_double(a, b)
+        g = -math.log(-math.log(u))
+        token_key = l / temperature + g
+        if pretest(l, a, key, temperature):
+            skipped += 1
+            assert token_key < key - 5e-5, (key, l, temperature, u, token_key)
+    assert skipped > 3000
+    # typical tokens: a uniform u, a best key some way above; nearly all are skipped
+    for _ in range(5000):
+        temperature = rng.choice([0.25, 0.7, 1.0, 1.7])
+        key = rng.uniform(-60.0, 60.0)
+        l = float(torch.tensor((key - rng.uniform(1.0, 40.0)) * temperature, dtype=torch.float32))
+        clear_losers += 1
+        clear_skipped += pretest(l, rng.getrandbits(32), key, temperature)
+    assert clear_skipped > 0.9 * clear_losers
+
+
 def test_remask_float64_reference():
     """The kernels alone against float64 torch: argmax, the CFG combine, every confidence."""
     B, L, W, V, mask_id = 2, 40, 40, 777, 11

@@ -113,6 +113,38 @@ MUTATIONS = [
         "    // (barrier removed)",
         CE_REMASK,
     ),
+    Mutation(
+        "gumbel-pretest-margin",
+        "remask: the float pre-test of the Gumbel key skips tokens that could still win",
+        "csrc/cuda/remask_acc.cuh",
+        "    return lb >= expf(-gap_lo) * 1.0001f;  // NaN (an infinite l / T) never skips",
+        "    return lb >= expf(-gap_lo) * 0.9f;",
+        CE_REMASK,
+    ),
+    Mutation(
+        "gumbel-pretest-word",
+        "remask: the float pre-test bounds u with the wrong Philox word",
+        "csrc/cuda/remask_acc.cuh",
+        "  return (index & 1) ? r.x[2] : r.x[0];",
+        "  return (index & 1) ? r.x[3] : r.x[1];",
+        CE_REMASK,
+    ),
+    Mutation(
+        "split-merge-last-slice",
+        "remask: the merge of a row's vocabulary slices leaves out the last slice",
+        "csrc/cuda/remask.cu",
+        "    for (int64_t s = 1; s < splits; ++s) st.merge(parts[row * splits + s]);",
+        "    for (int64_t s = 1; s + 1 < splits; ++s) st.merge(parts[row * splits + s]);",
+        CE_REMASK,
+    ),
+    Mutation(
+        "split-slice-edge",
+        "remask: a vocabulary slice ends one item early",
+        "csrc/cuda/remask.cu",
+        "  *hi = *lo + per < n ? *lo + per : n;",
+        "  *hi = *lo + per < n ? *lo + per - 1 : n;",
+        CE_REMASK,
+    ),
 ]
 
 

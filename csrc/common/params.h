@@ -100,7 +100,7 @@ const char* blas_description();  // csrc/cpu/blas.cpp
 namespace cuda {
 size_t attention_bwd_workspace_size(int64_t B, int64_t Sq, int64_t Hq, int64_t Sk, int64_t Hkv,
                                     int64_t D);
-size_t remask_workspace_size(int64_t B, int64_t W);
+size_t remask_workspace_size(int64_t B, int64_t W, int64_t V);
 llada_status attention_fwd(const AttnFwdParams& p);
 llada_status attention_bwd(const AttnBwdParams& p);
 llada_status masked_ce_fwd(const CEParams& p);

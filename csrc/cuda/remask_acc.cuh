@@ -134,6 +134,28 @@ struct ThreadAcc {
     }
   }
 
+  // Gumbel path, float pre-test: true if a token of logit l whose uniform starts with the
+  // Philox word `a` provably cannot beat this thread's best key, so the exact double key (a
+  // division and two logs) is never computed for it. The proof is the CPU twin's
+  // (csrc/cpu/remask.cpp, Avx2::gumbel_chunk):
+  //   gap_lo <= key - l / T, since the float rounding of l * (1/T), of key and of their
+  //     difference stays below 4e-7 * (|key| + |l / T|) (used while |key| < 1e6);
+  //   1 - u > lb = (2^24 - 1 - (a >> 8)) * 2^-24, as u's top 24 bits are a's
+  //     (philox_to_unit_double);
+  //   winning needs G = -log(-log u) > gap, i.e. -log(u) < exp(-gap); log(u) <= u - 1, so
+  //     lb >= exp(-gap_lo) * (1 + 1e-4) (expf's error is far below the margin) implies
+  //     G < gap - 0.99e-4: strictly below the best key, also after double rounding.
+  // The best key only grows, so a token skipped now would also lose later.
+  LLADA_ACC_FN bool cannot_win(float l, uint32_t a, float inv_t) const {
+    if (idx < 0 || !(fabs(key) < 1e6)) return false;
+    const float kf = static_cast<float>(key);
+    const float lk = l * inv_t;
+    const float gap_lo = (kf - lk) - 4e-7f * (fabsf(kf) + fabsf(lk));
+    if (gap_lo >= static_cast<float>(kRemaskGumbelMax)) return true;
+    const float lb = static_cast<float>((1u << 24) - 1u - (a >> 8)) * 5.9604644775390625e-8f;
+    return lb >= expf(-gap_lo) * 1.0001f;  // NaN (an infinite l / T) never skips
+  }
+
   LLADA_ACC_FN RemaskRowState to_row_state() const {
     RemaskRowState r;
     r.m = m;
@@ -151,6 +173,11 @@ struct ThreadAcc {
 LLADA_ACC_FN double uniform_half(const Philox4& r, uint64_t index) {
   return (index & 1) ? philox_to_unit_double(r.x[2], r.x[3])
                      : philox_to_unit_double(r.x[0], r.x[1]);
+}
+
+// First Philox word of the uniform of Gumbel index `index` (its top bits are u's).
+LLADA_ACC_FN uint32_t uniform_first_word(const Philox4& r, uint64_t index) {
+  return (index & 1) ? r.x[2] : r.x[0];
 }
 
 LLADA_ACC_FN Philox4 philox_at(uint64_t seed, uint64_t index) {

@@ -71,10 +71,23 @@ void* as_stream(uintptr_t s) {
 }  // namespace
 
 #if defined(LLADA_EMU)
+#include "cuda/remask_acc.cuh"
+
 namespace llada {
 namespace emu {
 std::vector<std::string> selftest_names();
 std::pair<std::string, std::vector<float>> selftest(const std::string& name);
+
+// The CUDA remask's float pre-test of a Gumbel key (remask_acc.cuh), compiled for the host:
+// would a token of logit l, whose uniform starts with Philox word `word`, be skipped
+// against the best key `key` at temperature T?
+bool remask_gumbel_pretest(float l, uint32_t word, double key, float temperature) {
+  cuda::ThreadAcc<true> acc;
+  acc.init();
+  acc.key = key;
+  acc.idx = 0;
+  return acc.cannot_win(l, word, 1.f / temperature);
+}
 }  // namespace emu
 }  // namespace llada
 #endif
@@ -219,5 +232,8 @@ PYBIND11_MODULE(LLADA_PY_MODULE, m) {
   m.def("selftest_names", &llada::emu::selftest_names);
   m.def("selftest", &llada::emu::selftest, py::arg("name"),
         "Runs one self-test kernel: (the executor's report or '', the kernel's output).");
+  m.def("remask_gumbel_pretest", &llada::emu::remask_gumbel_pretest, py::arg("l"), py::arg("word"),
+        py::arg("key"), py::arg("temperature"),
+        "The CUDA remask's float pre-test: True if the token is skipped as a sure loser.");
 #endif
 }
