@@ -72,25 +72,40 @@ def has_cuda_kernels() -> bool:
 
 
 def build_info() -> dict:
-    """What this installation runs.
+    """What this installation runs and how it was built.
 
     Returns
     -------
     dict
         ``version`` (package), ``abi_version`` (the C library's LLADA_VERSION),
-        ``cuda_kernels`` (built with CUDA), ``blas`` (the BLAS the CPU attention tiles found at
-        run time, or "none: plain loops ..."), ``cpu_executor`` (whether the CUDA kernels can
-        run on the CPU executor, ``llada_ext.emu``), ``torch``.
+        ``commit`` (the git commit the extension was built from, with ``-dirty`` when tracked
+        files differed, captured when CMake configured; the environment variable
+        ``LLADA_GIT_COMMIT`` at build time names it for a tree without git metadata; else
+        ``"unknown"``, e.g. for a build from an sdist), ``compiler`` (C++ compiler id and
+        version, e.g. ``"GNU 12.2.0"``), ``cuda_kernels`` (built with CUDA),
+        ``cuda_toolkit`` (CUDA toolkit version, ``None`` without CUDA), ``cuda_archs``
+        (the CUDA architectures compiled, e.g. ``["80", "90"]``; empty without CUDA),
+        ``blas`` (the BLAS the CPU attention tiles found at run time, or
+        "none: plain loops ..."), ``openmp`` (built with OpenMP), ``openmp_version`` (its
+        ``_OPENMP`` value, e.g. 201511; 0 without OpenMP), ``cpu_executor`` (whether the
+        CUDA kernels can run on the CPU executor, ``llada_ext.emu``), ``torch``.
     """
     import torch
 
     from . import emu
 
+    cfg = _C.build_config()
     return {
         "version": __version__,
         "abi_version": int(_C.version()),
+        "commit": str(cfg["commit"]),
+        "compiler": str(cfg["compiler"]),
         "cuda_kernels": has_cuda_kernels(),
+        "cuda_toolkit": str(cfg["cuda_toolkit"]) or None,
+        "cuda_archs": [a for a in str(cfg["cuda_archs"]).split(",") if a],
         "blas": str(_C.blas_info()),
+        "openmp": bool(cfg["openmp"]),
+        "openmp_version": int(cfg["openmp_version"]),
         "cpu_executor": emu.available(),
         "torch": torch.__version__,
     }

@@ -206,3 +206,72 @@ def test_sampler_speed_script_runs_and_checks_the_cache(tmp_path):
         assert 0.0 <= r["agreement"] <= 1.0 and 0.0 <= r["exact_match"] <= 1.0
         assert 1 <= r["steps"] <= 6
     assert "| variant |" in (tmp_path / "sampler_cpu_untrained.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def install_paths():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import install_paths
+
+        yield install_paths
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+TINY = {"batch": 1, "heads": 2, "seq": 64, "dim": 16}
+
+
+def test_install_paths_measure_in_this_environment(install_paths):
+    """benchmarks/install_paths.py's timing, in this process at a tiny size: lx.attention and
+    SDPA agree and every statistic is a finite positive number in order."""
+    m = install_paths.measure(**TINY, repeats=3, warmup=1, threads=1)
+    assert m["repeats"] == 3 and m["torch_threads"] == 1 and m["max_abs_diff"] < 1e-4
+    for key in ("lx_ms", "sdpa_ms", "ratio"):
+        s = m[key]
+        assert all(_positive_finite(s[k]) for k in ("median", "q1", "q3", "min", "max")), s
+        assert s["min"] <= s["q1"] <= s["median"] <= s["q3"] <= s["max"], s
+    assert m["build_info"] == lx.build_info()
+    assert Path(m["module"]) == Path(lx.__file__).resolve().parent
+
+
+def test_install_paths_table_for_the_current_environment(install_paths, tmp_path):
+    """The script end to end without creating environments (--paths current): the table has
+    its columns and a row per thread setting; a path whose step fails is a row, not a crash."""
+    out = tmp_path / "paths.md"
+    env_before = dict(os.environ)
+    rc = install_paths.main(
+        ["--paths", "current", "--threads", "1", "--repeats", "3", "--out", str(out)]
+        + [f"--{k}={v}" for k, v in TINY.items()]
+    )
+    assert dict(os.environ) == env_before
+    assert rc == 0
+    md = out.read_text()
+    header = "| " + " | ".join(install_paths.TABLE_COLUMNS) + " |"
+    assert header in md
+    for col in ("path", "install s", "threads", "lx ms", "SDPA ms", "lx/SDPA speed", "IQR", "BLAS"):
+        assert col in install_paths.TABLE_COLUMNS
+    rows = [ln for ln in md.splitlines() if ln.startswith("| current |")]
+    assert len(rows) >= 2 and "| ok |" in rows[0], md  # the timing row and the build_info row
+    data = json.loads(out.with_suffix(".json").read_text())
+    (rec,) = data["records"]
+    assert rec["status"] == "ok" and set(rec["measurements"]) == {"1"}
+    assert rec["build_info"]["commit"] == lx.build_info()["commit"]
+    for key in ("machine", "date", "commit", "torch"):
+        assert data["meta"][key], key
+
+    broken = install_paths.InstallPath(
+        "broken",
+        "(a build that fails)",
+        lambda c: [
+            install_paths.Step("install", [sys.executable, "-c", "raise SystemExit('no compiler')"])
+        ],
+        uses_venv=False,
+    )
+    rec_bad = install_paths.run_path(
+        broken, tmp_path, threads=[1], size=TINY, repeats=3, keep=False, commit="unknown", echo=str
+    )
+    assert rec_bad["status"] == "failed" and rec_bad["failed_step"] == "install"
+    (row,) = install_paths.table_rows([rec_bad])
+    assert row[0] == "broken" and row[1].startswith("FAILED at install: no compiler")
+    assert len(row) == len(install_paths.TABLE_COLUMNS)

@@ -21,8 +21,10 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   pip_q "torch==2.13.0"
 fi
 need=()
-for spec in numpy safetensors tokenizers tqdm pybind11 scipy_openblas32:scipy-openblas32 ml_dtypes:ml-dtypes matplotlib \
-            pytest pytest_benchmark:pytest-benchmark hypothesis; do
+# wheel: the editable build below runs without build isolation, and the setuptools of a fresh
+# Python 3.11 venv needs it for bdist_wheel
+for spec in numpy safetensors tokenizers tqdm pybind11 wheel scipy_openblas32:scipy-openblas32 ml_dtypes:ml-dtypes \
+            matplotlib pytest pytest_benchmark:pytest-benchmark hypothesis; do
   mod="${spec%%:*}"; pkg="${spec#*:}"
   "$PY" -c "import $mod" >/dev/null 2>&1 || need+=("$pkg")
 done

@@ -96,12 +96,48 @@ bool remask_gumbel_pretest(float l, uint32_t word, double key, float temperature
 #define LLADA_PY_MODULE _C
 #endif
 
+// How this module and its kernel library were built: compile definitions that CMake sets on
+// this file when it configures (CMakeLists.txt, "the build description"). The defaults are
+// for a build of this file outside that project.
+#ifndef LLADA_BUILD_COMMIT
+#define LLADA_BUILD_COMMIT "unknown"
+#endif
+#ifndef LLADA_BUILD_COMPILER
+#define LLADA_BUILD_COMPILER "unknown"
+#endif
+#ifndef LLADA_BUILD_CUDA_TOOLKIT
+#define LLADA_BUILD_CUDA_TOOLKIT ""
+#endif
+#ifndef LLADA_BUILD_CUDA_ARCHS
+#define LLADA_BUILD_CUDA_ARCHS ""
+#endif
+#ifndef LLADA_BUILD_OPENMP
+#define LLADA_BUILD_OPENMP 0
+#endif
+#ifndef LLADA_BUILD_OPENMP_VERSION
+#define LLADA_BUILD_OPENMP_VERSION 0
+#endif
+
 PYBIND11_MODULE(LLADA_PY_MODULE, m) {
   m.doc() = "llada kernel library: thin bindings over the C ABI (csrc/include/llada/llada.h)";
   m.attr("VERSION") = LLADA_VERSION;
   m.def("version", &llada_version);
   m.def("has_cuda", []() { return llada_has_cuda() != 0; });
   m.def("blas_info", []() { return std::string(llada_blas_info()); });
+  m.def(
+      "build_config",
+      []() {
+        py::dict d;
+        d["commit"] = std::string(LLADA_BUILD_COMMIT);
+        d["compiler"] = std::string(LLADA_BUILD_COMPILER);
+        d["cuda_toolkit"] = std::string(LLADA_BUILD_CUDA_TOOLKIT);
+        d["cuda_archs"] = std::string(LLADA_BUILD_CUDA_ARCHS);
+        d["openmp"] = LLADA_BUILD_OPENMP != 0;
+        d["openmp_version"] = static_cast<int>(LLADA_BUILD_OPENMP_VERSION);
+        return d;
+      },
+      "How the build was configured: commit, compiler, CUDA toolkit and archs (empty strings "
+      "without CUDA), OpenMP and its _OPENMP value (0 without OpenMP).");
 
   m.def(
       "attention_fwd",
