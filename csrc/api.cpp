@@ -255,6 +255,30 @@ const char* llada_status_string(llada_status status) {
 llada_status llada_attention_fwd(const llada_tensor* q, const llada_tensor* k,
                                  const llada_tensor* v, const llada_tensor* key_padding_mask,
                                  float scale, llada_tensor* out, llada_tensor* lse, void* stream) {
+  return llada_attention_fwd_ws(q, k, v, key_padding_mask, scale, out, lse, nullptr, 0, stream);
+}
+
+llada_status llada_attention_fwd_workspace_size(const llada_tensor* q, const llada_tensor* k,
+                                                size_t* bytes) {
+  LLADA_CALL_SCOPE();
+  g_last_error.clear();
+  if (bytes == nullptr) return set_error(LLADA_ERROR_INVALID_ARGUMENT, "bytes: null pointer");
+  LLADA_TRY(check_view(q, "q", 4));
+  LLADA_TRY(check_view(k, "k", 4));
+  LLADA_TRY(check_same_device(q, "q", k, "k"));
+  *bytes = 0;
+#ifdef LLADA_WITH_CUDA
+  if (q->device_type == LLADA_CUDA)
+    *bytes = cuda::attention_fwd_workspace_size(q->shape[0], q->shape[1], q->shape[2], k->shape[1],
+                                                k->shape[2], q->shape[3]);
+#endif
+  return LLADA_OK;
+}
+
+llada_status llada_attention_fwd_ws(const llada_tensor* q, const llada_tensor* k,
+                                    const llada_tensor* v, const llada_tensor* key_padding_mask,
+                                    float scale, llada_tensor* out, llada_tensor* lse,
+                                    void* workspace, size_t workspace_bytes, void* stream) {
   LLADA_CALL_SCOPE();
   g_last_error.clear();
   AttnFwdParams p;
@@ -262,6 +286,20 @@ llada_status llada_attention_fwd(const llada_tensor* q, const llada_tensor* k,
   LLADA_TRY(check_like(out, "out", q, "q"));
   LLADA_TRY(check_inner_contiguous(out, "out"));
   LLADA_TRY(check_lse(lse, q));
+  if (workspace != nullptr) {
+    size_t need = 0;
+    LLADA_TRY(llada_attention_fwd_workspace_size(q, k, &need));
+    if (workspace_bytes < need)
+      return set_error(LLADA_ERROR_INSUFFICIENT_WORKSPACE,
+                       "workspace: %zu bytes given, %zu needed "
+                       "(llada_attention_fwd_workspace_size)",
+                       workspace_bytes, need);
+    if (need > 0) {  // a workspace the plan does not use is simply not touched
+      p.workspace = workspace;
+      p.workspace_bytes = workspace_bytes;
+      note_workspace(workspace, workspace_bytes);
+    }
+  }
   p.out = out->data;
   p.out_st = bsh(out);
   p.lse = static_cast<float*>(lse->data);

@@ -42,7 +42,7 @@ from .ops import (  # noqa: E402
 )
 from .sampling import SamplerGraphs, decode_answers, generate, truncate_at_eos  # noqa: E402
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "attention",

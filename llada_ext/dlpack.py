@@ -447,6 +447,8 @@ def attention(
     q, k, v = (be.prepare(a, inner=True) for a in (q, k, v))
     out = be.empty((B, Sq, Hq, D), q.dtype)
     lse = be.empty((B, Hq, Sq), "float32")
+    ws_bytes = _C.attention_fwd_workspace_size(be.view(q), be.view(k))
+    ws = be.empty((ws_bytes,), "uint8") if ws_bytes else None
     _C.attention_fwd(
         be.view(q),
         be.view(k),
@@ -456,6 +458,8 @@ def attention(
         be.view(out),
         be.view(lse),
         be.stream(),
+        _data_ptr(be, ws),
+        ws_bytes,
     )
     return (be.wrap(out), be.wrap(lse)) if return_lse else be.wrap(out)
 

@@ -98,6 +98,7 @@ def attention_fwd(
     v: Tensor,
     key_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
+    split: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """CUDA attention forward on the executor.
 
@@ -109,6 +110,9 @@ def attention_fwd(
         bool ``[B, Sk]``, True = attended.
     scale : float, optional
         Defaults to ``D ** -0.5``.
+    split : bool
+        Pass the workspace of ``llada_attention_fwd_workspace_size``, as ``lx.attention``
+        does, so decode-shaped calls take the split-KV path; ``False`` forces one pass.
 
     Returns
     -------
@@ -118,6 +122,8 @@ def attention_fwd(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     out = torch.empty(q.shape, dtype=q.dtype)
     lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    ws_bytes = _load().attention_fwd_workspace_size(_view(q), _view(k)) if split else 0
+    ws = torch.empty((ws_bytes + 3) // 4, dtype=torch.float32)  # float32 partial rows
     _call(
         "attention_fwd",
         _view(q),
@@ -128,6 +134,8 @@ def attention_fwd(
         _view(out),
         _view(lse),
         0,
+        ws.data_ptr() if ws_bytes else 0,
+        ws_bytes,
     )
     return out, lse
 

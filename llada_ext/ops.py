@@ -119,6 +119,9 @@ def _attention_fwd(
     B, Sq, Hq, D = q.shape
     out = torch.empty((B, Sq, Hq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+    # CUDA, decode-shaped calls: scratch for the split-KV plan (0 bytes otherwise)
+    ws_bytes = _C.attention_fwd_workspace_size(view(q), view(k))
+    ws = torch.empty(ws_bytes, dtype=torch.uint8, device=q.device) if ws_bytes else None
     _C.attention_fwd(
         view(q),
         view(k),
@@ -128,6 +131,8 @@ def _attention_fwd(
         view(out),
         view(lse),
         stream_of(q),
+        ws.data_ptr() if ws is not None else 0,
+        ws_bytes,
     )
     return out, lse
 

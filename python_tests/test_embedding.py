@@ -264,6 +264,8 @@ _ENTRY_POINTS = (
     "llada_blas_info",
     "llada_status_string",
     "llada_attention_fwd",
+    "llada_attention_fwd_workspace_size",
+    "llada_attention_fwd_ws",
     "llada_attention_bwd_workspace_size",
     "llada_attention_bwd",
     "llada_masked_ce_fwd",

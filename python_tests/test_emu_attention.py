@@ -93,6 +93,54 @@ def test_short_queries_long_keys(dtype: torch.dtype) -> None:
     emu_forward_backward(q, k, v, mask, 128**-0.5)
 
 
+def fwd_workspace(q, k) -> int:
+    return emu._load().attention_fwd_workspace_size(emu._view(q), emu._view(k))
+
+
+# (B, Sq, Sk, Hq, Hkv, D, key splits the plan picks): decode-shaped calls
+DECODE = [
+    (1, 32, 700, 4, 4, 128, 11),  # a sampler block against a long cache, MHA
+    (1, 5, 900, 8, 2, 64, 5),  # GQA: the 4 query heads of a KV head packed into one tile
+    (2, 1, 333, 6, 1, 256, 4),  # MQA, one query, the 256 bucket
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,sq,sk,hq,hkv,d,splits", DECODE)
+def test_decode_shapes_split_keys(dtype, b, sq, sk, hq, hkv, d, splits) -> None:
+    """Few query rows against many keys: the keys are cut into ranges over separate CTAs and
+    merged (flash-decoding), the GQA group's query heads share one tile. Against the float64
+    reference, with a key mask that empties whole ranges; backward from that forward's lse;
+    the single-pass kernel agrees; the result is deterministic."""
+    q, k, v = inputs(b, sq, sk, hq, hkv, d, dtype, seed=sk)
+    assert fwd_workspace(q, k) == b * hq * sq * splits * (d + 2) * 4
+    mask = random_mask(b, sk, seed=sq, p_keep=0.8, device="cpu")
+    mask[:, 100:260] = False  # whole key ranges without an attended key
+    out, lse, _ = emu_forward_backward(q, k, v, mask, d**-0.5)
+    again, lse2 = emu.attention_fwd(q, k, v, mask)
+    assert torch.equal(out, again) and torch.equal(lse, lse2)
+    one_pass, lse1 = emu.attention_fwd(q, k, v, mask, split=False)
+    torch.testing.assert_close(lse, lse1, rtol=0, atol=1e-5)
+    tol = 2 * max_err(one_pass, ref_attention(q, k, v, mask, d**-0.5)[0]) + 1e-3
+    assert (out.float() - one_pass.float()).abs().max().item() <= tol
+
+
+def test_split_keys_all_masked_row() -> None:
+    """A batch row whose keys are all masked through every range: out 0 and lse -inf after
+    the merge, and no NaN from the masked K/V rows."""
+    q, k, v = inputs(2, 3, 500, 4, 2, 64, torch.bfloat16, seed=31)
+    assert fwd_workspace(q, k) > 0
+    mask = random_mask(2, 500, seed=32, device="cpu")
+    mask[0] = False
+    k[~mask] = float("nan")
+    v[~mask] = float("nan")
+    out, lse = emu.attention_fwd(q, k, v, mask)
+    assert (out[0] == 0).all() and (lse[0] == float("-inf")).all()
+    kc = torch.where(mask[:, :, None, None], k, torch.zeros_like(k))
+    vc = torch.where(mask[:, :, None, None], v, torch.zeros_like(v))
+    check_forward(q, kc, vc, mask, 64**-0.5, out, lse)
+
+
 def test_no_keys() -> None:
     """Sk = 0: every row is fully masked (out 0, lse -inf), and dq is zero."""
     q, k, v = inputs(2, 19, 0, 2, 1, 64, torch.bfloat16, seed=21)
@@ -154,3 +202,17 @@ def test_executor_agrees_with_cpu_twin() -> None:
     low, _ = ref_attention(q, k, v, mask, 64**-0.5, compute_dtype=torch.bfloat16)
     assert max_err(out_emu, out_cpu) <= 2 * (2 * max_err(low, ref) + 1e-5)
     torch.testing.assert_close(lse_emu, lse_cpu, rtol=1e-3, atol=2e-3)
+
+
+def test_split_workspace_too_small_is_refused() -> None:
+    q, k, v = inputs(1, 4, 400, 2, 2, 64, torch.float16, seed=41)
+    need = fwd_workspace(q, k)
+    assert need > 0
+    ws = torch.empty(need // 4, dtype=torch.float32)
+    out = torch.empty_like(q)
+    lse = torch.empty((1, 2, 4), dtype=torch.float32)
+    args = [emu._view(t) for t in (q, k, v)] + [None, 0.125, emu._view(out), emu._view(lse), 0]
+    with pytest.raises(ValueError, match="workspace"):
+        emu._load().attention_fwd(*args, ws.data_ptr(), need - 1)
+    emu._load().attention_fwd(*args, ws.data_ptr(), need)  # the size asked for is enough
+    check_forward(q, k, v, None, 0.125, out, lse)

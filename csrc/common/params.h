@@ -29,6 +29,9 @@ struct AttnFwdParams {
   int64_t kpm_sb, kpm_ss;
   float scale;
   void* stream;  // cudaStream_t for CUDA; unused on CPU
+  // forward only (CUDA): scratch for the split-KV plan; nullptr = single pass
+  void* workspace;
+  size_t workspace_bytes;
 };
 
 struct AttnBwdParams {
@@ -101,6 +104,8 @@ namespace cuda {
 size_t attention_bwd_workspace_size(int64_t B, int64_t Sq, int64_t Hq, int64_t Sk, int64_t Hkv,
                                     int64_t D);
 size_t remask_workspace_size(int64_t B, int64_t W, int64_t V);
+size_t attention_fwd_workspace_size(int64_t B, int64_t Sq, int64_t Hq, int64_t Sk, int64_t Hkv,
+                                    int64_t D);
 llada_status attention_fwd(const AttnFwdParams& p);
 llada_status attention_bwd(const AttnBwdParams& p);
 llada_status masked_ce_fwd(const CEParams& p);

@@ -170,18 +170,35 @@ __device__ __forceinline__ float quad_sum(float v) {
 
 // ---- tile movement ---------------------------------------------------------------------
 
-// Copies a [kRows, kD] tile from global memory (row r at src + r * row_stride, D valid
-// columns, `rows` valid rows) into shared memory with pitch kD + 8; everything outside
-// [rows, D) becomes zero. With row_ok (a key mask: row r is kept where
-// row_ok[r * row_ok_stride] != 0) the rows it masks are zero-filled without being read, so
-// NaN or inf in the K/V rows of masked keys can never reach a product. Executed cooperatively by
-// kThreads threads (thread index tid). vec: every row start is 16-byte aligned (checked on the
-// host), so the copy goes through cp.async and completes at the next cp_async_wait; otherwise it
-// falls back to synchronous element loads (correct for any stride, just slower), visible after the
-// next barrier.
-template <typename T, int kRows, int kD, int kThreads>
-__device__ __forceinline__ void load_tile(T* smem, const T* src, int64_t row_stride, int rows,
-                                          int D, bool vec, int tid, const uint8_t* row_ok = nullptr,
+// Row r of a tile at element offset r * stride from the tile's first row.
+struct StridedRows {
+  int64_t stride;
+  __device__ __forceinline__ int64_t operator()(int r) const { return r * stride; }
+};
+
+// Rows of a packed query tile: the group's query heads stacked along M (head-major), so row
+// first + r is query (first + r) % seq of head (first + r) / seq of the group. Offsets are
+// relative to query 0 of the group's first head.
+struct PackedRows {
+  int first, seq;
+  int64_t ss, sh;  // sequence and head strides
+  __device__ __forceinline__ int64_t operator()(int r) const {
+    const int i = first + r;
+    return static_cast<int64_t>(i % seq) * ss + static_cast<int64_t>(i / seq) * sh;
+  }
+};
+
+// Copies a [kRows, kD] tile from global memory (row r at src + row_at(r), D valid columns,
+// `rows` valid rows) into shared memory with pitch kD + 8; everything outside [rows, D)
+// becomes zero. With row_ok (a key mask: row r is kept where row_ok[r * row_ok_stride] != 0)
+// the rows it masks are zero-filled without being read, so NaN or inf in the K/V rows of masked
+// keys can never reach a product. Executed cooperatively by kThreads threads (thread index
+// tid). vec: every row start is 16-byte aligned (checked on the host), so the copy goes through
+// cp.async and completes at the next cp_async_wait; otherwise it falls back to synchronous
+// element loads (correct for any stride, just slower), visible after the next barrier.
+template <typename T, int kRows, int kD, int kThreads, typename Rows>
+__device__ __forceinline__ void load_rows(T* smem, const T* src, Rows row_at, int rows, int D,
+                                          bool vec, int tid, const uint8_t* row_ok = nullptr,
                                           int64_t row_ok_stride = 0) {
   constexpr int kPitch = Pitch<kD>::kValue;
   if (vec) {
@@ -191,7 +208,7 @@ __device__ __forceinline__ void load_tile(T* smem, const T* src, int64_t row_str
       const int r = i / kChunks;
       const int c = (i % kChunks) * 8;
       const bool valid = r < rows && c < D && (row_ok == nullptr || row_ok[r * row_ok_stride] != 0);
-      const T* g = valid ? src + r * row_stride + c : src;
+      const T* g = valid ? src + row_at(r) + c : src;
       cp_async_16(smem_addr(smem + r * kPitch + c), g, valid);
     }
   } else {
@@ -201,16 +218,25 @@ __device__ __forceinline__ void load_tile(T* smem, const T* src, int64_t row_str
       const int r = i / kD;
       const int c = i % kD;
       const bool valid = r < rows && c < D && (row_ok == nullptr || row_ok[r * row_ok_stride] != 0);
-      d16[r * kPitch + c] = valid ? s16[r * row_stride + c] : uint16_t(0);
+      d16[r * kPitch + c] = valid ? s16[row_at(r) + c] : uint16_t(0);
     }
   }
 }
 
-// Copies the first `rows` rows and D columns of a shared-memory tile (pitch kD + 8) to
-// global memory (row stride dst_row_stride). vec: 16-byte stores (destination rows aligned).
+// load_rows for rows row_stride elements apart.
 template <typename T, int kRows, int kD, int kThreads>
-__device__ __forceinline__ void store_tile(T* dst, int64_t dst_row_stride, const T* smem, int rows,
-                                           int D, bool vec, int tid) {
+__device__ __forceinline__ void load_tile(T* smem, const T* src, int64_t row_stride, int rows,
+                                          int D, bool vec, int tid, const uint8_t* row_ok = nullptr,
+                                          int64_t row_ok_stride = 0) {
+  load_rows<T, kRows, kD, kThreads>(smem, src, StridedRows{row_stride}, rows, D, vec, tid, row_ok,
+                                    row_ok_stride);
+}
+
+// Copies the first `rows` rows and D columns of a shared-memory tile (pitch kD + 8) to
+// global memory (row r at dst + row_at(r)). vec: 16-byte stores (destination rows aligned).
+template <typename T, int kRows, int kD, int kThreads, typename Rows>
+__device__ __forceinline__ void store_rows(T* dst, Rows row_at, const T* smem, int rows, int D,
+                                           bool vec, int tid) {
   constexpr int kPitch = Pitch<kD>::kValue;
   if (vec) {
     constexpr int kChunks = kD / 8;
@@ -218,7 +244,7 @@ __device__ __forceinline__ void store_tile(T* dst, int64_t dst_row_stride, const
       const int r = i / kChunks;
       const int c = (i % kChunks) * 8;
       if (r < rows && c < D) {
-        *reinterpret_cast<uint4*>(dst + r * dst_row_stride + c) =
+        *reinterpret_cast<uint4*>(dst + row_at(r) + c) =
             *reinterpret_cast<const uint4*>(smem + r * kPitch + c);
       }
     }
@@ -228,9 +254,16 @@ __device__ __forceinline__ void store_tile(T* dst, int64_t dst_row_stride, const
     for (int i = tid; i < kRows * kD; i += kThreads) {
       const int r = i / kD;
       const int c = i % kD;
-      if (r < rows && c < D) d16[r * dst_row_stride + c] = s16[r * kPitch + c];
+      if (r < rows && c < D) d16[row_at(r) + c] = s16[r * kPitch + c];
     }
   }
+}
+
+// store_rows for rows dst_row_stride elements apart.
+template <typename T, int kRows, int kD, int kThreads>
+__device__ __forceinline__ void store_tile(T* dst, int64_t dst_row_stride, const T* smem, int rows,
+                                           int D, bool vec, int tid) {
+  store_rows<T, kRows, kD, kThreads>(dst, StridedRows{dst_row_stride}, smem, rows, D, vec, tid);
 }
 
 // Host side: true when every row start base + b*sb + s*ss + h*sh of a [B, S, H, D] tensor

@@ -1,16 +1,19 @@
 // Non-causal attention forward, flash-attention-2 style (included by the per-head-dim
 // instantiation files attention_fwd_hdim{64,128,256}.cu only).
 //
-// One CTA per (query tile of kBlockM rows, query head, batch). Each warp owns kMT * 16 query
-// rows. The Q tile stays in shared memory for the whole CTA; K and V tiles of kBlockN keys
-// stream through a double buffer filled by cp.async while the previous tile is in use.
+// One CTA per (query tile of kBlockM rows, key range, head or packed GQA group, batch); see
+// attention_fwd_plan.cuh for the packing of a group's query heads along M and for the
+// split of the keys into ranges. Each warp owns kMT * 16 query rows. The Q tile stays in
+// shared memory for the whole CTA; K and V tiles of kBlockN keys stream through a double
+// buffer filled by cp.async while the previous tile is in use.
 // Per key tile and warp:
 //   S  = Q K^T                 (mma, float32; Q and K fragments via ldmatrix)
 //   masked keys (beyond Sk, or key_padding_mask == 0) -> S = -inf
 //   online softmax in the log2 domain: m = running row max, l = running row sum; when m
 //   grows, O and l are rescaled by 2^(m_old - m_new)
 //   O += P V                   (P re-packed from the S accumulators, V via ldmatrix.trans)
-// Finally out = O / l and lse = ln(sum exp(scale * q.k)) = (m + log2 l) * ln 2.
+// Finally out = O / l and lse = ln(sum exp(scale * q.k)) = (m + log2 l) * ln 2; with split
+// keys the CTA writes (O, m, l) of its range instead and attention_fwd_combine_kernel merges.
 // A row whose keys are all masked keeps m = -inf and l = 0: out = 0, lse = -inf. The
 // subtraction base is 0 rather than m while m is -inf, so no (-inf) - (-inf) = NaN appears.
 #pragma once
@@ -18,31 +21,11 @@
 #include <math.h>
 
 #include "cuda/attention_common.cuh"
+#include "cuda/attention_fwd_plan.cuh"
 
 namespace llada {
 namespace cuda {
 namespace attn {
-
-template <int kD>
-struct FwdConfig;
-// kBlockM query rows x kBlockN keys, kWarps warps (each owns kBlockM / kWarps rows, i.e.
-// kMT = 2 m-tiles, so every K/V fragment read from shared memory feeds two mma). The key
-// tile is sized so the O and S accumulators fit the 255-register budget without spills
-// (checked with -Xptxas -v: 64 -> 234 registers; 128 -> 255 with a 4-byte spill on sm_90).
-template <>
-struct FwdConfig<64> {
-  static constexpr int kBlockM = 128, kBlockN = 64, kWarps = 4;  // 54 KiB shared memory
-};
-template <>
-struct FwdConfig<128> {
-  static constexpr int kBlockM = 128, kBlockN = 32, kWarps = 4;  // 68 KiB
-};
-// 256: one m-tile per warp keeps 128 float32 O accumulators per thread; 99 KiB also fits
-// an A100's shared memory.
-template <>
-struct FwdConfig<256> {
-  static constexpr int kBlockM = 64, kBlockN = 32, kWarps = 4;
-};
 
 template <int kD>
 constexpr size_t fwd_smem_bytes() {
@@ -53,7 +36,7 @@ constexpr size_t fwd_smem_bytes() {
 // flags bit 0: q, k, v rows are 16-byte aligned; bit 1: out rows are.
 template <typename T, int kD>
 __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32)
-    attention_fwd_kernel(const AttnFwdParams p, int flags) {
+    attention_fwd_kernel(const AttnFwdParams p, int flags, FwdPlan pl) {
   using C = FwdConfig<kD>;
   constexpr int kBlockM = C::kBlockM;
   constexpr int kBlockN = C::kBlockN;
@@ -77,30 +60,37 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32)
   const int t = lane % 4;  // accumulator column pair
 
   const int Sq = static_cast<int>(p.Sq);
-  const int Sk = static_cast<int>(p.Sk);
+  const int rows_total = pl.group * Sq;  // query rows of this head or packed group
   const int D = static_cast<int>(p.D);
-  const int m0 = blockIdx.x * kBlockM;
-  const int h = blockIdx.y;
+  const int m_tile = blockIdx.x / pl.splits;
+  const int split = blockIdx.x - m_tile * pl.splits;
+  const int m0 = m_tile * kBlockM;
+  const int h0 = blockIdx.y * pl.group;  // query head of row 0 (rows r: head h0 + r / Sq)
   const int b = blockIdx.z;
-  const int hk = h / static_cast<int>(p.Hq / p.Hkv);  // GQA: kv head of this query head
+  const int hk = h0 / static_cast<int>(p.Hq / p.Hkv);  // GQA: kv head of these query heads
   const bool vec_in = flags & 1;
   const bool vec_out = flags & 2;
+  // this CTA's key range [kv0, kv0 + Sk)
+  const int kv0 = split * pl.tiles_per_split * kBlockN;
+  const int Sk = max(0, min(static_cast<int>(p.Sk) - kv0, pl.tiles_per_split * kBlockN));
 
-  const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h + m0 * p.q_st.s;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
-  const uint8_t* kpm = p.key_padding_mask ? p.key_padding_mask + b * p.kpm_sb : nullptr;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h0 * p.q_st.h;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h + kv0 * p.k_st.s;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h + kv0 * p.v_st.s;
+  const uint8_t* kpm =
+      p.key_padding_mask ? p.key_padding_mask + b * p.kpm_sb + kv0 * p.kpm_ss : nullptr;
 
   const int n_tiles = (Sk + kBlockN - 1) / kBlockN;
-  load_tile<T, kBlockM, kD, kThreads>(sQ, q, p.q_st.s, min(kBlockM, Sq - m0), D, vec_in, tid);
+  load_rows<T, kBlockM, kD, kThreads>(sQ, q, PackedRows{m0, Sq, p.q_st.s, p.q_st.h},
+                                      min(kBlockM, rows_total - m0), D, vec_in, tid);
   load_tile<T, kBlockN, kD, kThreads>(sK, k, p.k_st.s, min(kBlockN, Sk), D, vec_in, tid, kpm,
                                       p.kpm_ss);
   load_tile<T, kBlockN, kD, kThreads>(sV, v, p.v_st.s, min(kBlockN, Sk), D, vec_in, tid, kpm,
                                       p.kpm_ss);
   cp_async_commit();
 
-  const int wrow0 = warp * kMT * 16;         // first row of this warp in the tile
-  const bool warp_active = m0 + wrow0 < Sq;  // warps past Sq only help with loads
+  const int wrow0 = warp * kMT * 16;                 // first row of this warp in the tile
+  const bool warp_active = m0 + wrow0 < rows_total;  // warps past the rows only help load
   const float scale_log2 = p.scale * kLog2e;
 
   float o[kMT][kDT][4];
@@ -258,6 +248,32 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32)
 
   if (!warp_active) return;
 
+  if (pl.splits > 1) {
+    // ---- epilogue of a key range: unnormalised O and (m, l) per row, for the combine ----
+    float* part_o = static_cast<float*>(p.workspace);
+    float* part_ml = part_o + static_cast<int64_t>(p.B * p.Hq * p.Sq) * pl.splits * kD;
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float l = quad_sum(row_sum[mt][r]);
+        const int row = m0 + wrow0 + mt * 16 + g + 8 * r;
+        if (row >= rows_total) continue;
+        const int64_t hq = h0 + row / Sq;
+        const int64_t part = ((b * p.Hq + hq) * p.Sq + row % Sq) * pl.splits + split;
+        if (t == 0) {
+          part_ml[2 * part] = row_max[mt][r];
+          part_ml[2 * part + 1] = l;
+        }
+#pragma unroll
+        for (int dt = 0; dt < kDT; ++dt)
+          *reinterpret_cast<float2*>(part_o + part * kD + dt * 8 + 2 * t) =
+              make_float2(o[mt][dt][2 * r], o[mt][dt][2 * r + 1]);
+      }
+    }
+    return;
+  }
+
   // ---- epilogue: normalise, write lse, stage O through this warp's own Q rows ----
   T* stage = sQ;  // rows wrow0 .. wrow0 + kMT*16 are read and written by this warp only
 #pragma unroll
@@ -267,8 +283,9 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32)
       const float l = quad_sum(row_sum[mt][r]);
       const float inv = l > 0.f ? 1.f / l : 0.f;
       const int row = wrow0 + mt * 16 + g + 8 * r;
-      if (t == 0 && m0 + row < Sq) {
-        p.lse[b * p.lse_sb + h * p.lse_sh + static_cast<int64_t>(m0 + row) * p.lse_ss] =
+      if (t == 0 && m0 + row < rows_total) {
+        const int64_t hq = h0 + (m0 + row) / Sq;
+        p.lse[b * p.lse_sb + hq * p.lse_sh + static_cast<int64_t>((m0 + row) % Sq) * p.lse_ss] =
             l > 0.f ? (row_max[mt][r] + log2f(l)) * kLn2 : -INFINITY;
       }
 #pragma unroll
@@ -279,10 +296,58 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32)
     }
   }
   __syncwarp();
-  T* out = static_cast<T*>(p.out) + b * p.out_st.b + h * p.out_st.h +
-           static_cast<int64_t>(m0 + wrow0) * p.out_st.s;
-  store_tile<T, kMT * 16, kD, 32>(out, p.out_st.s, stage + wrow0 * kPitch, Sq - m0 - wrow0, D,
-                                  vec_out, lane);
+  T* out = static_cast<T*>(p.out) + b * p.out_st.b + h0 * p.out_st.h;
+  store_rows<T, kMT * 16, kD, 32>(out, PackedRows{m0 + wrow0, Sq, p.out_st.s, p.out_st.h},
+                                  stage + wrow0 * kPitch, rows_total - m0 - wrow0, D, vec_out,
+                                  lane);
+}
+
+// Merges the key ranges of a split plan: one warp per (b, query head, query). With
+// w_i = 2^(m_i - M), M = max_i m_i: out = sum_i w_i O_i / sum_i w_i l_i and
+// lse = (M + log2 sum_i w_i l_i) ln 2 (a row without any attended key: out 0, lse -inf).
+// The ranges are merged in order, so the result is deterministic.
+template <typename T, int kD>
+__global__ void __launch_bounds__(128)
+    attention_fwd_combine_kernel(const AttnFwdParams p, int splits) {
+  constexpr int kCols = (kD + 31) / 32;  // columns per lane
+  const float* part_o = static_cast<const float*>(p.workspace);
+  const float* part_ml = part_o + static_cast<int64_t>(p.B * p.Hq * p.Sq) * splits * kD;
+  const int lane = threadIdx.x % 32;
+  const int64_t rows = p.B * p.Hq * p.Sq;
+  for (int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * blockDim.x / 32) {
+    const int64_t s = row % p.Sq;
+    const int64_t h = (row / p.Sq) % p.Hq;
+    const int64_t b = row / (p.Sq * p.Hq);
+    const int64_t part0 = row * splits;
+    float mx = -INFINITY;
+    for (int i = 0; i < splits; ++i) mx = fmaxf(mx, part_ml[2 * (part0 + i)]);
+    const float base = mx == -INFINITY ? 0.f : mx;
+    float l = 0.f;
+    float acc[kCols];
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) acc[c] = 0.f;
+    for (int i = 0; i < splits; ++i) {
+      const float w = exp2f(part_ml[2 * (part0 + i)] - base);  // 0 for an empty range
+      l += w * part_ml[2 * (part0 + i) + 1];
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        const int d = lane + 32 * c;
+        if (d < kD) acc[c] += w * part_o[(part0 + i) * kD + d];
+      }
+    }
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    T* out = static_cast<T*>(p.out) + b * p.out_st.b + s * p.out_st.s + h * p.out_st.h;
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) {
+      const int d = lane + 32 * c;
+      if (d < p.D) out[d] = DType<T>::from_float(acc[c] * inv);
+    }
+    if (lane == 0) {
+      p.lse[b * p.lse_sb + h * p.lse_sh + s * p.lse_ss] =
+          l > 0.f ? (mx + log2f(l)) * kLn2 : -INFINITY;
+    }
+  }
 }
 
 template <typename T, int kD>
@@ -302,10 +367,23 @@ llada_status run_attention_fwd(const AttnFwdParams& p) {
            ? 1
            : 0) |
       (rows_aligned16(p.out, p.out_st) ? 2 : 0);
-  const dim3 grid(static_cast<unsigned>((p.Sq + C::kBlockM - 1) / C::kBlockM),
-                  static_cast<unsigned>(p.Hq), static_cast<unsigned>(p.B));
-  launch_kernel("attention_fwd_kernel", kernel, grid, C::kWarps * 32, smem, as_stream(p.stream), p,
-                flags);
+  const FwdPlan pl = fwd_plan<kD>(p.B, p.Sq, p.Hq, p.Hkv, p.Sk, p.workspace != nullptr);
+  if (pl.splits > 1 && p.workspace_bytes < fwd_workspace_bytes<kD>(p.B, p.Sq, p.Hq, pl.splits)) {
+    return set_error(LLADA_ERROR_INSUFFICIENT_WORKSPACE,
+                     "attention_fwd: workspace of %zu bytes, %zu needed", p.workspace_bytes,
+                     fwd_workspace_bytes<kD>(p.B, p.Sq, p.Hq, pl.splits));
+  }
+  const dim3 grid(static_cast<unsigned>(pl.m_tiles * pl.splits),
+                  static_cast<unsigned>(p.Hq / pl.group), static_cast<unsigned>(p.B));
+  cudaStream_t stream = as_stream(p.stream);
+  launch_kernel("attention_fwd_kernel", kernel, grid, C::kWarps * 32, smem, stream, p, flags, pl);
+  if (pl.splits > 1) {
+    const int64_t warps = p.B * p.Hq * p.Sq;  // one per row
+    const int64_t blocks = (warps + 3) / 4;
+    launch_kernel("attention_fwd_combine_kernel", attention_fwd_combine_kernel<T, kD>,
+                  dim3(static_cast<unsigned>(blocks < kMaxGridX ? blocks : kMaxGridX)), 128, 0,
+                  stream, p, pl.splits);
+  }
   return check_launch("attention_fwd");
 }
 

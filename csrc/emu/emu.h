@@ -45,6 +45,12 @@ struct dim3 {
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
+struct alignas(8) float2 {
+  float x, y;
+};
+inline float2 make_float2(float x, float y) {
+  return float2{x, y};
+}
 
 // ---- 16-bit float storage types (conversions round to nearest even, as the device does) ---
 struct __half {

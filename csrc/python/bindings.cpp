@@ -142,19 +142,30 @@ PYBIND11_MODULE(LLADA_PY_MODULE, m) {
   m.def(
       "attention_fwd",
       [](py::tuple q, py::tuple k, py::tuple v, std::optional<py::tuple> mask, float scale,
-         py::tuple out, py::tuple lse, uintptr_t stream) {
+         py::tuple out, py::tuple lse, uintptr_t stream, uintptr_t workspace,
+         size_t workspace_bytes) {
         llada_tensor vq = to_view(q, "q"), vk = to_view(k, "k"), vv = to_view(v, "v");
         OptView vm(mask, "key_padding_mask");
         llada_tensor vo = to_view(out, "out"), vl = to_view(lse, "lse");
         llada_status s;
         {
           py::gil_scoped_release nogil;
-          s = llada_attention_fwd(&vq, &vk, &vv, vm.ptr(), scale, &vo, &vl, as_stream(stream));
+          s = llada_attention_fwd_ws(&vq, &vk, &vv, vm.ptr(), scale, &vo, &vl,
+                                     reinterpret_cast<void*>(workspace), workspace_bytes,
+                                     as_stream(stream));
         }
         check(s);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_padding_mask"), py::arg("scale"),
-      py::arg("out"), py::arg("lse"), py::arg("stream") = 0);
+      py::arg("out"), py::arg("lse"), py::arg("stream") = 0, py::arg("workspace") = 0,
+      py::arg("workspace_bytes") = 0);
+
+  m.def("attention_fwd_workspace_size", [](py::tuple q, py::tuple k) {
+    llada_tensor vq = to_view(q, "q"), vk = to_view(k, "k");
+    size_t bytes = 0;
+    check(llada_attention_fwd_workspace_size(&vq, &vk, &bytes));
+    return bytes;
+  });
 
   m.def("attention_bwd_workspace_size", [](py::tuple q, py::tuple k) {
     llada_tensor vq = to_view(q, "q"), vk = to_view(k, "k");

@@ -37,7 +37,8 @@
 #include <stdint.h>
 
 #define LLADA_VERSION_MAJOR 0
-#define LLADA_VERSION_MINOR 1
+/* 0.2 added llada_blas_info, llada_attention_fwd_workspace_size and llada_attention_fwd_ws. */
+#define LLADA_VERSION_MINOR 2
 #define LLADA_VERSION_PATCH 0
 #define LLADA_VERSION \
   (LLADA_VERSION_MAJOR * 10000 + LLADA_VERSION_MINOR * 100 + LLADA_VERSION_PATCH)
@@ -117,6 +118,22 @@ LLADA_API llada_status llada_attention_fwd(const llada_tensor* q, const llada_te
                                            const llada_tensor* v,
                                            const llada_tensor* key_padding_mask, float scale,
                                            llada_tensor* out, llada_tensor* lse, void* stream);
+
+/* Bytes of workspace that lets llada_attention_fwd_ws split the keys of these shapes over
+ * several CTAs (0 on CPU, and on CUDA when the grid is large enough without a split). */
+LLADA_API llada_status llada_attention_fwd_workspace_size(const llada_tensor* q,
+                                                          const llada_tensor* k, size_t* bytes);
+
+/* llada_attention_fwd with a workspace. On CUDA, decode-shaped calls (few query rows per KV
+ * head against many keys, e.g. a sampler's block against a long cache) then cut each row's
+ * keys into ranges handled by separate CTAs and merge the partial results exactly
+ * (flash-decoding). The plan depends on the shapes only, so a call is deterministic. With
+ * workspace NULL (or a size query of 0) this is llada_attention_fwd. */
+LLADA_API llada_status llada_attention_fwd_ws(const llada_tensor* q, const llada_tensor* k,
+                                              const llada_tensor* v,
+                                              const llada_tensor* key_padding_mask, float scale,
+                                              llada_tensor* out, llada_tensor* lse, void* workspace,
+                                              size_t workspace_bytes, void* stream);
 
 /* Bytes of workspace llada_attention_bwd needs for these shapes (0 on CPU). */
 LLADA_API llada_status llada_attention_bwd_workspace_size(const llada_tensor* q,
