@@ -238,6 +238,30 @@ int llada_has_cuda(void) {
 #endif
 }
 
+llada_status llada_cuda_status(void) {
+  LLADA_CALL_SCOPE();
+  g_last_error.clear();
+#ifdef LLADA_WITH_CUDA
+  int runtime = 0, driver = 0, devices = 0;
+  cudaRuntimeGetVersion(&runtime);
+  cudaDriverGetVersion(&driver);  // 0 when no driver is installed
+  const cudaError_t e = cudaGetDeviceCount(&devices);
+  cudaGetLastError();  // a failed query must not linger as the next launch's error
+  if (e != cudaSuccess || devices == 0) {
+    char drv[96] = "no NVIDIA driver is installed";
+    if (driver > 0)
+      snprintf(drv, sizeof drv, "the installed driver supports CUDA %d.%d", driver / 1000,
+               (driver % 1000) / 10);
+    return set_error(LLADA_ERROR_CUDA, "%s (the library's CUDA runtime is %d.%d; %s)",
+                     e != cudaSuccess ? cudaGetErrorString(e) : "no CUDA device", runtime / 1000,
+                     (runtime % 1000) / 10, drv);
+  }
+  return LLADA_OK;
+#else
+  return set_error(LLADA_ERROR_NOT_COMPILED, "the library was built without the CUDA kernels");
+#endif
+}
+
 const char* llada_status_string(llada_status status) {
   switch (status) {
     case LLADA_OK: return "LLADA_OK";

@@ -29,6 +29,7 @@ def _preload_openblas() -> None:
 _preload_openblas()
 
 from . import _C  # noqa: E402
+from ._cuda import CudaStatus, cuda_status  # noqa: E402
 from .generation_config import generation_settings  # noqa: E402
 from .hf import patch_hf_llada, unpatch_hf_llada  # noqa: E402
 from .likelihood import log_likelihood, score_choices  # noqa: E402
@@ -62,12 +63,15 @@ __all__ = [
     "patch_hf_llada",
     "unpatch_hf_llada",
     "has_cuda_kernels",
+    "cuda_status",
+    "CudaStatus",
     "build_info",
 ]
 
 
 def has_cuda_kernels() -> bool:
-    """True if the kernel library was built with its CUDA kernels."""
+    """True if the kernel library was built with its CUDA kernels (whether they can run on
+    this machine's driver and GPU is :func:`cuda_status`)."""
     return bool(_C.has_cuda())
 
 

@@ -43,7 +43,12 @@ def opt_view(t: torch.Tensor | None) -> tuple | None:
 
 
 def stream_of(t: torch.Tensor) -> int:
-    """The caller's current CUDA stream for t's device (0 on the CPU)."""
+    """The caller's current CUDA stream for t's device (0 on the CPU). Every op passes its
+    stream through here, so this is also where a CUDA call that cannot run on this machine
+    (no CUDA kernels, or a driver older than their runtime) is refused with the reason."""
     if t.device.type == "cuda":
+        from ._cuda import require_cuda_kernels
+
+        require_cuda_kernels()
         return torch.cuda.current_stream(t.device).cuda_stream
     return 0

@@ -466,7 +466,16 @@ def _kernel_attention_supported(t: torch.Tensor) -> bool:
         return t.dtype in (torch.float32, torch.bfloat16)
     if t.device.type == "cuda":
         head_dim = t.shape[-1]
-        return t.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256
+        if not (t.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0):
+            return False
+        if head_dim > 256:
+            return False
+        from ._cuda import cuda_status, warn_torch_fallback
+
+        if not cuda_status().usable:  # e.g. a driver older than the kernels' runtime
+            warn_torch_fallback()
+            return False
+        return True
     return False
 
 

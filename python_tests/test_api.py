@@ -303,3 +303,45 @@ def test_version_matches_header():
     expected = parts["MAJOR"] * 10000 + parts["MINOR"] * 100 + parts["PATCH"]
     assert lx._C.version() == expected
     assert lx.__version__ == f"{parts['MAJOR']}.{parts['MINOR']}.{parts['PATCH']}"
+
+
+def test_cuda_status_gives_the_runtime_reason():
+    """cuda_status says whether the CUDA kernels can run here, with the runtime's own reason
+    when they cannot (has_cuda_kernels only says they were built)."""
+    status = lx.cuda_status()
+    assert isinstance(status, lx.CudaStatus)
+    if not lx.has_cuda_kernels():
+        assert not status.usable and "without the CUDA kernels" in status.reason
+    elif status.usable:
+        assert status.reason == ""
+    else:
+        assert "CUDA runtime is" in status.reason
+        assert "driver" in status.reason
+        with pytest.raises(RuntimeError, match="cannot run on this machine"):
+            from llada_ext._cuda import require_cuda_kernels
+
+            require_cuda_kernels()
+
+
+def test_model_attention_falls_back_to_torch_with_one_warning(monkeypatch, caplog):
+    """When the CUDA kernels cannot run (e.g. a driver older than their runtime), the model's
+    CUDA attention takes torch SDPA, with one warning per process."""
+    from llada_ext import _cuda
+    from llada_ext.model import _kernel_attention_supported
+
+    monkeypatch.setattr(_cuda, "cuda_status", lambda: _cuda.CudaStatus(False, "driver too old"))
+    _cuda.warn_torch_fallback.cache_clear()
+
+    class FakeCudaTensor:
+        device = torch.device("cuda")
+        dtype = torch.bfloat16
+        shape = (1, 4, 2, 64)
+
+    with caplog.at_level("WARNING", logger="llada_ext"):
+        assert _kernel_attention_supported(FakeCudaTensor()) is False
+        assert _kernel_attention_supported(FakeCudaTensor()) is False
+    warnings = [r for r in caplog.records if "driver too old" in r.getMessage()]
+    assert len(warnings) == 1 and "torch SDPA" in warnings[0].getMessage()
+    monkeypatch.setattr(_cuda, "cuda_status", lambda: _cuda.CudaStatus(True, ""))
+    assert _kernel_attention_supported(FakeCudaTensor()) is True
+    _cuda.warn_torch_fallback.cache_clear()

@@ -261,6 +261,7 @@ _ENTRY_POINTS = (
     "llada_last_error",
     "llada_version",
     "llada_has_cuda",
+    "llada_cuda_status",
     "llada_blas_info",
     "llada_status_string",
     "llada_attention_fwd",

@@ -123,6 +123,13 @@ PYBIND11_MODULE(LLADA_PY_MODULE, m) {
   m.attr("VERSION") = LLADA_VERSION;
   m.def("version", &llada_version);
   m.def("has_cuda", []() { return llada_has_cuda() != 0; });
+  m.def(
+      "cuda_status",
+      []() {
+        const llada_status s = llada_cuda_status();
+        return py::make_tuple(s == LLADA_OK, std::string(s == LLADA_OK ? "" : llada_last_error()));
+      },
+      "(True, '') when the CUDA kernels can run here, else (False, the runtime's reason).");
   m.def("blas_info", []() { return std::string(llada_blas_info()); });
   m.def(
       "build_config",

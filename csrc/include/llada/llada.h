@@ -37,7 +37,8 @@
 #include <stdint.h>
 
 #define LLADA_VERSION_MAJOR 0
-/* 0.2 added llada_blas_info, llada_attention_fwd_workspace_size and llada_attention_fwd_ws. */
+/* 0.2 added llada_blas_info, llada_cuda_status, llada_attention_fwd_workspace_size and
+ * llada_attention_fwd_ws. */
 #define LLADA_VERSION_MINOR 2
 #define LLADA_VERSION_PATCH 0
 #define LLADA_VERSION \
@@ -99,6 +100,11 @@ LLADA_API const char* llada_last_error(void);
 LLADA_API int llada_version(void);
 /* 1 if the library was built with CUDA kernels, else 0. */
 LLADA_API int llada_has_cuda(void);
+/* Whether the CUDA kernels can run on this machine: LLADA_OK when the CUDA runtime the
+ * library links finds a usable device; LLADA_ERROR_NOT_COMPILED for a CPU-only build;
+ * LLADA_ERROR_CUDA otherwise, with llada_last_error() giving the runtime's own reason and
+ * the runtime and driver versions (e.g. a driver older than the runtime needs). */
+LLADA_API llada_status llada_cuda_status(void);
 /* The BLAS the CPU attention tiles use, found at run time: "scipy-openblas32 (<path>)",
  * "OpenBLAS (<path>)" or "none: plain loops (...)". LLADA_BLAS_LIB=<path> in the environment
  * names the library to use; otherwise an OpenBLAS already loaded into the process is used. */
