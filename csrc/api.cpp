@@ -207,6 +207,21 @@ llada_status check_ce_inputs(const llada_tensor* logits, const llada_tensor* tar
   return LLADA_OK;
 }
 
+// The attention workspace queries: the same checks, then `size` of the shapes (B, Sq, Hq, Sk,
+// Hkv, D) for CUDA tensors; the CPU kernels need no workspace.
+using AttnSizeFn = size_t (*)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
+llada_status attention_workspace_query(const llada_tensor* q, const llada_tensor* k, size_t* bytes,
+                                       AttnSizeFn size) {
+  if (bytes == nullptr) return set_error(LLADA_ERROR_INVALID_ARGUMENT, "bytes: null pointer");
+  LLADA_TRY(check_view(q, "q", 4));
+  LLADA_TRY(check_view(k, "k", 4));
+  LLADA_TRY(check_same_device(q, "q", k, "k"));
+  *bytes = 0;
+  if (q->device_type == LLADA_CUDA && size != nullptr)
+    *bytes = size(q->shape[0], q->shape[1], q->shape[2], k->shape[1], k->shape[2], q->shape[3]);
+  return LLADA_OK;
+}
+
 }  // namespace
 }  // namespace llada
 
@@ -286,17 +301,11 @@ llada_status llada_attention_fwd_workspace_size(const llada_tensor* q, const lla
                                                 size_t* bytes) {
   LLADA_CALL_SCOPE();
   g_last_error.clear();
-  if (bytes == nullptr) return set_error(LLADA_ERROR_INVALID_ARGUMENT, "bytes: null pointer");
-  LLADA_TRY(check_view(q, "q", 4));
-  LLADA_TRY(check_view(k, "k", 4));
-  LLADA_TRY(check_same_device(q, "q", k, "k"));
-  *bytes = 0;
 #ifdef LLADA_WITH_CUDA
-  if (q->device_type == LLADA_CUDA)
-    *bytes = cuda::attention_fwd_workspace_size(q->shape[0], q->shape[1], q->shape[2], k->shape[1],
-                                                k->shape[2], q->shape[3]);
+  return attention_workspace_query(q, k, bytes, cuda::attention_fwd_workspace_size);
+#else
+  return attention_workspace_query(q, k, bytes, nullptr);
 #endif
-  return LLADA_OK;
 }
 
 llada_status llada_attention_fwd_ws(const llada_tensor* q, const llada_tensor* k,
@@ -345,17 +354,11 @@ llada_status llada_attention_bwd_workspace_size(const llada_tensor* q, const lla
                                                 size_t* bytes) {
   LLADA_CALL_SCOPE();
   g_last_error.clear();
-  if (bytes == nullptr) return set_error(LLADA_ERROR_INVALID_ARGUMENT, "bytes: null pointer");
-  LLADA_TRY(check_view(q, "q", 4));
-  LLADA_TRY(check_view(k, "k", 4));
-  LLADA_TRY(check_same_device(q, "q", k, "k"));
-  *bytes = 0;
 #ifdef LLADA_WITH_CUDA
-  if (q->device_type == LLADA_CUDA)
-    *bytes = cuda::attention_bwd_workspace_size(q->shape[0], q->shape[1], q->shape[2], k->shape[1],
-                                                k->shape[2], q->shape[3]);
+  return attention_workspace_query(q, k, bytes, cuda::attention_bwd_workspace_size);
+#else
+  return attention_workspace_query(q, k, bytes, nullptr);
 #endif
-  return LLADA_OK;
 }
 
 llada_status llada_attention_bwd(const llada_tensor* q, const llada_tensor* k,
