@@ -29,15 +29,15 @@ def test_opcheck_attention(device):
     q, k, v, mask = _attn_args(device, dtype)
     for t in (q, k, v):
         t.requires_grad_(True)
-    torch.library.opcheck(ops._attention_fwd, (q, k, v, mask, 0.25))
-    torch.library.opcheck(ops._attention_fwd, (q, k, v, None, 0.25))
+    torch.library.opcheck(ops._attention._attention_fwd, (q, k, v, mask, 0.25))
+    torch.library.opcheck(ops._attention._attention_fwd, (q, k, v, None, 0.25))
 
 
 def test_opcheck_masked_ce(device):
     logits = torch.randn(11, 37, device=device, requires_grad=True)
     targets = torch.randint(0, 37, (11,), device=device)
     weights = torch.rand(11, device=device) * (torch.rand(11, device=device) > 0.4)
-    torch.library.opcheck(ops._masked_ce_fwd, (logits, targets, weights))
+    torch.library.opcheck(ops._cross_entropy._masked_ce_fwd, (logits, targets, weights))
 
 
 def test_opcheck_linear_masked_ce(device):
@@ -45,7 +45,7 @@ def test_opcheck_linear_masked_ce(device):
     weight = torch.randn(29, 8, device=device, requires_grad=True)
     targets = torch.randint(0, 29, (13,), device=device)
     weights = torch.rand(13, device=device) * (torch.rand(13, device=device) > 0.4)
-    torch.library.opcheck(ops._linear_ce_fwd, (hidden, weight, targets, weights, 4))
+    torch.library.opcheck(ops._cross_entropy._linear_ce_fwd, (hidden, weight, targets, weights, 4))
 
 
 def test_opcheck_remask(device):
@@ -53,9 +53,12 @@ def test_opcheck_remask(device):
     x = torch.randint(0, 16, (2, 10), device=device)
     x[:, 3:8] = 16
     nt = torch.tensor([2, 3], device=device)
-    torch.library.opcheck(ops._remask, (logits, x, nt, None, 16, 2, 0, 0.0, False, 0.0, 0.0, 0))
     torch.library.opcheck(
-        ops._remask_inplace, (logits, x.clone(), nt, None, 16, 2, 0, 0.0, False, 0.0, 0.0, 0)
+        ops._remask._remask, (logits, x, nt, None, 16, 2, 0, 0.0, False, 0.0, 0.0, 0)
+    )
+    torch.library.opcheck(
+        ops._remask._remask_inplace,
+        (logits, x.clone(), nt, None, 16, 2, 0, 0.0, False, 0.0, 0.0, 0),
     )
 
 
@@ -254,7 +257,7 @@ print("done", ok, err)
 
 def test_seed_stream_is_the_cpu_generator_stream():
     g = torch.Generator().manual_seed(1234)
-    seeds = [ops._draw_seed(g) for _ in range(3)]
+    seeds = [ops._remask._draw_seed(g) for _ in range(3)]
     ref = torch.randint(0, 1 << 62, (3,), generator=torch.Generator().manual_seed(1234)).tolist()
     assert seeds == ref
     assert len(set(seeds)) == 3
@@ -264,7 +267,9 @@ def test_seed_stream_is_the_cpu_generator_stream():
 def test_seed_stream_same_on_cuda_generator():
     gc = torch.Generator("cpu").manual_seed(7)
     gg = torch.Generator("cuda").manual_seed(7)
-    assert [ops._draw_seed(gc) for _ in range(4)] == [ops._draw_seed(gg) for _ in range(4)]
+    assert [ops._remask._draw_seed(gc) for _ in range(4)] == [
+        ops._remask._draw_seed(gg) for _ in range(4)
+    ]
 
 
 def test_deterministic_remask_consumes_no_randomness():
