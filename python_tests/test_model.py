@@ -452,11 +452,15 @@ def test_top_level_exports():
     assert callable(lx.generate) and callable(lx.log_likelihood)
 
 
-def test_kernel_attention_only_for_head_dims_the_cuda_kernels_cover():
+def test_kernel_attention_only_for_head_dims_the_cuda_kernels_cover(monkeypatch):
     """A CUDA model whose head dim the CUDA kernels lack takes the torch path, not an error."""
     from types import SimpleNamespace
 
+    from llada_ext import _cuda
     from llada_ext.model import _kernel_attention_supported
+
+    # as on a machine where the kernels can run (cuda_status decides that part)
+    monkeypatch.setattr(_cuda, "cuda_status", lambda: _cuda.CudaStatus(True, ""))
 
     def fake(device, dtype, head_dim):
         return SimpleNamespace(device=torch.device(device), dtype=dtype, shape=(1, 2, 2, head_dim))
