@@ -157,7 +157,8 @@ def attention_bwd(
     dv = torch.empty(v.shape, dtype=q.dtype)
     mod = _load()
     ws_bytes = mod.attention_bwd_workspace_size(_view(q), _view(k))
-    # float32 scratch, so the executor sees a 4-byte aligned buffer of exactly ws_bytes
+    # float32 scratch (torch aligns it far beyond the 8 bytes the float2 atomics need), so the
+    # executor sees a buffer of exactly ws_bytes
     ws = torch.empty((ws_bytes + 3) // 4, dtype=torch.float32)
     _call(
         "attention_bwd",

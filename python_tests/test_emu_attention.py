@@ -216,3 +216,18 @@ def test_split_workspace_too_small_is_refused() -> None:
         emu._load().attention_fwd(*args, ws.data_ptr(), need - 1)
     emu._load().attention_fwd(*args, ws.data_ptr(), need)  # the size asked for is enough
     check_forward(q, k, v, None, 0.125, out, lse)
+
+
+def test_backward_workspace_must_be_8_byte_aligned() -> None:
+    """dQ is accumulated with 8-byte float2 atomics (sm_90): a workspace that is only 4-byte
+    aligned is refused by name instead of faulting."""
+    q, k, v = inputs(1, 8, 16, 2, 2, 64, torch.bfloat16, seed=43)
+    out, lse = emu.attention_fwd(q, k, v)
+    dout = torch.randn(q.shape).to(q.dtype)
+    need = emu._load().attention_bwd_workspace_size(emu._view(q), emu._view(k))
+    ws = torch.empty(need // 4 + 2, dtype=torch.float32)
+    grads = [torch.empty_like(t) for t in (q, k, v)]
+    args = [emu._view(t) for t in (q, k, v)] + [None]
+    args += [emu._view(t) for t in (out, dout, lse)] + [0.125] + [emu._view(g) for g in grads]
+    with pytest.raises(Exception, match="aligned to 8 bytes"):
+        emu._load().attention_bwd(*args, ws.data_ptr() + 4, need, 0)

@@ -127,9 +127,9 @@ llada_status attention_bwd(const AttnBwdParams& p) {
                      "attention_bwd: workspace of %zu bytes needed, got %zu at %p", need,
                      p.workspace_bytes, p.workspace);
   }
-  if (need > 0 && reinterpret_cast<uintptr_t>(p.workspace) % alignof(float) != 0) {
+  if (need > 0 && reinterpret_cast<uintptr_t>(p.workspace) % 8 != 0) {  // float2 atomics
     return set_error(LLADA_ERROR_INVALID_ARGUMENT,
-                     "attention_bwd: workspace must be aligned to 4 bytes");
+                     "attention_bwd: workspace must be aligned to 8 bytes");
   }
   float* ws_dq = static_cast<float*>(p.workspace);
   float* ws_delta = need > 0 ? ws_dq + f.B * f.Hq * f.Sq * f.D : nullptr;

@@ -190,6 +190,7 @@ void cp_async_wait(int pending);
 void ldmatrix(uint32_t* regs, int count, uint32_t addr, bool trans);
 void mma_16816(float* d, const uint32_t* a, uint32_t b0, uint32_t b1, bool bf16);
 float atomic_add(float* address, float value);
+float2 atomic_add2(float2* address, float2 value);
 void read_only_load(const void* p, size_t bytes);
 
 // The launch: runs every block of the grid on the executor, synchronously, and records the
@@ -304,4 +305,7 @@ inline T llada_emu_shfl(const char* file, int line, int mode, unsigned mask, T v
 
 inline float atomicAdd(float* address, float value) {
   return ::llada::emu::atomic_add(address, value);
+}
+inline float2 atomicAdd(float2* address, float2 value) {
+  return ::llada::emu::atomic_add2(address, value);
 }

@@ -641,5 +641,16 @@ float atomic_add(float* address, float value) {
   return old;
 }
 
+float2 atomic_add2(float2* address, float2 value) {
+  // sm_90's vector atomicAdd: an 8-byte aligned pair, each half added atomically
+  if (reinterpret_cast<uintptr_t>(address) % 8 != 0)
+    fail("misaligned float2 atomicAdd at %p (8-byte alignment required)",
+         static_cast<void*>(address));
+  check_global(address, 8, GlobalOp::kAtomic, "atomicAdd(float2)");
+  const float2 old = *address;
+  *address = float2{old.x + value.x, old.y + value.y};
+  return old;
+}
+
 }  // namespace emu
 }  // namespace llada
