@@ -73,6 +73,10 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kWarps * 32)
   constexpr int kQMT = kBlockM / 16;
   constexpr int kQSplit = kWarps / kQMT;
   constexpr int kQD = kD / kQSplit;
+  // Register budget (checked with -Xptxas -v, benchmarks/ptxas_report.py): the 256 bucket
+  // unrolls the S^T / dP^T head-dim loop by 2 only and the dQ column chunks are not
+  // unrolled, which keeps every bucket within 255 registers without spills on sm_80 and sm_90.
+  constexpr int kSUnroll = kD >= 256 ? 2 : kD / 16;
   static_assert(kBlockN == 16 * kKeyWarps, "each key warp owns 16 keys");
   static_assert(kDWT % 2 == 0 && kQD % 32 == 0 && kQSplit * kQMT == kWarps, "bad bwd config");
 
@@ -179,7 +183,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kWarps * 32)
 #pragma unroll
       for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.f;
     }
-#pragma unroll
+#pragma unroll(kSUnroll)
     for (int kk = 0; kk < kD / 16; ++kk) {
       uint32_t ak[4], av[4];  // A = rows of K / V (keys) over head-dim kk*16 .. +15
       const int a_off = (kw * 16 + (lane % 16)) * kPitch + kk * 16 + (lane / 16) * 8;
@@ -262,7 +266,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kWarps * 32)
       const int qd0 = (warp / kQMT) * kQD;
       float* dq_row0 = ws_dq + ((static_cast<int64_t>(b) * Hq + h) * Sq + m0 + mq * 16) *
                                    static_cast<int64_t>(D);
-#pragma unroll
+#pragma unroll 1
       for (int dc = 0; dc < kQD; dc += 32) {
         if (qd0 + dc >= D) break;  // zero-padded head-dim columns: nothing to add
         float acc[4][4];
