@@ -27,7 +27,7 @@ struct FwdConfig;
 // kMT = 2 m-tiles, so every K/V fragment read from shared memory feeds two mma). The key
 // tile is sized so the O and S accumulators fit the 255-register budget (-Xptxas -v, see
 // benchmarks/results/ptxas-sm80-sm90.md: 64 -> about 240 registers, no spill; 128 -> 255 with
-// a 4-8 byte spill outside the key loop, from the split/packing coordinates; 256 -> no spill).
+// a 4-8 byte spill since the split/packing coordinates were added; 256 -> no spill).
 template <>
 struct FwdConfig<64> {
   static constexpr int kBlockM = 128, kBlockN = 64, kWarps = 4;  // 54 KiB shared memory
