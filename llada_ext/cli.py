@@ -71,27 +71,24 @@ def _add_common_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
 
-def _add_training_args(p: argparse.ArgumentParser, *, sft: bool) -> None:
-    d = p.add_argument_group("data")
-    d.add_argument(
-        "--data",
-        nargs="+",
-        metavar="PATH",
-        default=[],
-        help=(
-            "training files or folders: .txt/.md (one document per file) or .jsonl/.json (one "
-            + (
-                "record per line with 'prompt'/'response' or 'messages')"
-                if sft
-                else "record per line with a 'text' field)"
-            )
-        ),
-    )
+_SFT_RECORDS = "record per line with 'prompt'/'response' or 'messages')"
+_TEXT_RECORDS = "record per line with a 'text' field)"
+
+
+def _add_data_sources(d: Any, *, data_help: str, formats: tuple[str, ...]) -> None:
+    """--data, --data-format and the Hugging Face dataset options (train, sft, prepare)."""
+    d.add_argument("--data", nargs="+", metavar="PATH", default=[], help=data_help)
     d.add_argument(
         "--data-format",
-        choices=("auto", "text", "jsonl"),
+        choices=formats,
         default="auto",
-        help="how to read --data files; 'auto' goes by suffix (default: %(default)s)",
+        help="how to read --data: 'auto' goes by suffix (.jsonl/.json/.ndjson are JSONL)"
+        + (
+            ", and a folder holding manifest.json is a prepared folder"
+            if "shards" in formats
+            else ""
+        )
+        + " (default: %(default)s)",
     )
     d.add_argument(
         "--hf-dataset",
@@ -108,6 +105,24 @@ def _add_training_args(p: argparse.ArgumentParser, *, sft: bool) -> None:
         default=None,
         metavar="N",
         help="read at most N records of the dataset (default: all)",
+    )
+
+
+def _add_training_args(p: argparse.ArgumentParser, *, sft: bool) -> None:
+    d = p.add_argument_group("data")
+    _add_data_sources(
+        d,
+        data_help="training files or folders: .txt/.md (one document per file) or .jsonl/.json "
+        "(one " + (_SFT_RECORDS if sft else _TEXT_RECORDS) + "; or one folder written by "
+        "`llada-ext prepare` (token shards read through memory maps, same batches as the "
+        "original files)",
+        formats=("auto", "text", "jsonl", "shards"),
+    )
+    d.add_argument(
+        "--no-verify-data",
+        action="store_true",
+        help="prepared folder: skip the SHA-256 check of the shards at start (rank 0 reads "
+        "every shard once for it; headers, sizes and indexes are always checked)",
     )
     if sft:
         d.add_argument(
@@ -247,6 +262,9 @@ def _add_training_args(p: argparse.ArgumentParser, *, sft: bool) -> None:
         help="shard the model with FSDP2 across processes (launch with torchrun); default "
         "is DDP when several processes run",
     )
+    from .training.cli_support import add_scale_args
+
+    add_scale_args(p, o)
 
     c = p.add_argument_group("output")
     c.add_argument(
@@ -274,10 +292,80 @@ def _add_training_args(p: argparse.ArgumentParser, *, sft: bool) -> None:
         default=None,
         metavar="PATH",
         help="continue a run: alone, from the newest checkpoint in --out (starting fresh if "
-        "there is none); or from a checkpoint file / run folder",
+        "there is none); or from a checkpoint file, a step-XXXXXXXX.dcp folder or a run "
+        "folder. Either kind loads at any number of processes, with or without --fsdp",
     )
     c.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_common_runtime(p)
+
+
+def _add_prepare_args(p: argparse.ArgumentParser) -> None:
+    d = p.add_argument_group("data")
+    _add_data_sources(
+        d,
+        data_help="files or folders: .txt/.md (one document per file) or .jsonl/.json (one "
+        "record per line: a 'text' field, or with --sft 'prompt'/'response' or 'messages')",
+        formats=("auto", "text", "jsonl"),
+    )
+    d.add_argument(
+        "--sft",
+        action="store_true",
+        help="prepare prompt/response examples for `llada-ext sft` (default: documents for "
+        "`llada-ext train`)",
+    )
+    d.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="with --sft: wrap 'prompt'/'response' pairs in the tokenizer's chat template "
+        "('messages' records always use it)",
+    )
+    d.add_argument(
+        "--text-field",
+        default="text",
+        help="without --sft: JSONL field holding the document text (default: %(default)s)",
+    )
+    d.add_argument(
+        "--add-bos", action="store_true", help="without --sft: prepend BOS to every document"
+    )
+    d.add_argument(
+        "--tokenizer",
+        metavar="FOLDER",
+        default=None,
+        help="folder with tokenizer.json, copied into --out (default: the byte tokenizer of "
+        "the tiny preset)",
+    )
+    o = p.add_argument_group("output")
+    o.add_argument("--out", required=True, metavar="FOLDER", help="the folder to write")
+    o.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it is a prepared folder already (any other existing, non-empty "
+        "folder is refused)",
+    )
+    o.add_argument(
+        "--dtype",
+        choices=("auto", "uint16", "uint32"),
+        default="auto",
+        help="token dtype: 'auto' = uint16 when the vocabulary has at most 65536 ids, else "
+        "uint32 (default: %(default)s)",
+    )
+    o.add_argument(
+        "--shard-tokens",
+        type=int,
+        default=100_000_000,
+        metavar="N",
+        help="tokens per shard file (whole documents) (default: %(default)s)",
+    )
+    o.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokenizing processes, 1 = tokenize in this process; the output does not "
+        "depend on it (default: one less than the CPU count, at most 8)",
+    )
+    o.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -314,6 +402,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_training_args(p, sft=True)
     p.set_defaults(func=_cmd_train, objective="sft")
+
+    p = sub.add_parser(
+        "prepare",
+        help="tokenize training data once into memory-mapped token shards",
+        description="Tokenize text / JSONL / a Hugging Face dataset (the inputs of `train`, or "
+        "of `sft` with --sft) into uint16/uint32 token shards with an index, a manifest and "
+        "SHA-256 checksums, in parallel, written atomically to --out. Then pass the folder to "
+        "`llada-ext train --data FOLDER` (or `sft`): the shards are read through memory maps "
+        "and give the same batches as the original files, for any --seq-len.",
+    )
+    _add_prepare_args(p)
+    p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser(
         "sample",
@@ -543,6 +643,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_arguments(p)
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     p.set_defaults(func=_cmd_demo)
+    from .training.cli_support import add_export_parser
+
+    add_export_parser(sub)
     for sp in sub.choices.values():  # errors after parsing are reported with this usage
         sp.set_defaults(usage_parser=sp)
     return parser
@@ -723,32 +826,66 @@ def _sampler_options(args: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------
 # commands
 # ------------------------------------------------------------------------------------------
-def _cmd_train(args: argparse.Namespace) -> int:
-    import torch
+def _data_records(args: argparse.Namespace) -> Any:
+    """The records of --data and --hf-dataset, read lazily (train, sft, prepare)."""
+    from .training import load_hf_records, read_records
 
-    from .model import LLaDAConfig, LLaDAModel
-    from .tokenizer import load_tokenizer
-    from .training import (
-        TrainConfig,
-        Trainer,
-        build_pretrain_dataset,
-        build_sft_dataset,
-        cleanup_distributed,
-        init_distributed,
-        load_hf_records,
-        read_records,
-        records_to_pairs,
-        records_to_texts,
-    )
+    if args.data:
+        yield from read_records(args.data, fmt=args.data_format)
+    if args.hf_dataset:
+        yield from load_hf_records(
+            args.hf_dataset, config=args.hf_config, split=args.hf_split, limit=args.hf_limit
+        )
 
-    _set_threads(args)
+
+def _prepared_folder(args: argparse.Namespace) -> Path | None:
+    """The folder of --data when it is a prepared one (token shards), else None."""
+    from .training.shards import is_prepared_folder
+
+    auto = args.data_format == "auto" and any(is_prepared_folder(d) for d in args.data)
+    if args.data_format != "shards" and not auto:
+        return None
+    if len(args.data) != 1 or args.hf_dataset:
+        raise CLIError(
+            "a prepared folder is the whole training data: pass one --data FOLDER and no "
+            "other files or --hf-dataset (prepare them together instead)"
+        )
+    folder = Path(args.data[0])
+    manifest = _load_manifest(folder)
     sft = args.objective == "sft"
-    if not args.data and not args.hf_dataset:
-        raise CLIError("no training data: pass --data FILE... and/or --hf-dataset NAME")
-    if not 2 <= args.seq_len <= MAX_TOKENS:
-        raise CLIError(f"--seq-len must lie in [2, {MAX_TOKENS}], got {args.seq_len}")
-    if args.init_from is not None and not Path(args.init_from).is_dir():
-        raise CLIError(f"--init-from folder not found: {args.init_from!r}")
+    if manifest["objective"] != args.objective:
+        command = "sft" if manifest["objective"] == "sft" else "train"
+        raise CLIError(
+            f"{str(folder)!r} holds {manifest['objective']} data: train on it with "
+            f"`llada-ext {command}`, or prepare the data "
+            + ("with --sft" if sft else "without --sft")
+        )
+    checks = (
+        ("--chat-template", sft and args.chat_template and not manifest.get("chat_template")),
+        ("--add-bos", not sft and args.add_bos and not manifest.get("add_bos")),
+        ("--text-field", not sft and args.text_field not in ("text", manifest["text_field"])),
+    )
+    for flag, contradicted in checks:
+        if contradicted:
+            raise CLIError(
+                f"{flag} is applied when preparing, and {str(folder)!r} was prepared "
+                "otherwise: run `llada-ext prepare` again with it"
+            )
+    return folder
+
+
+def _load_manifest(folder: Path) -> dict[str, Any]:
+    from .training.shards import load_manifest
+
+    return load_manifest(folder)
+
+
+def _training_tokenizer(
+    args: argparse.Namespace, prepared: Path | None
+) -> tuple[str | None, Any, int]:
+    """(tokenizer folder copied into the run, tokenizer or None, vocabulary size)."""
+    from .tokenizer import load_tokenizer
+
     tok_folder = args.tokenizer
     if (
         tok_folder is None
@@ -756,7 +893,128 @@ def _cmd_train(args: argparse.Namespace) -> int:
         and (Path(args.init_from) / "tokenizer.json").is_file()
     ):
         tok_folder = args.init_from
-    tokenizer = load_tokenizer(tok_folder)
+    if prepared is None:
+        tokenizer = load_tokenizer(tok_folder)
+        return tok_folder, tokenizer, int(tokenizer.vocab_size)
+    from .training.shards import check_tokenizer
+
+    manifest = _load_manifest(prepared)
+    if tok_folder is not None:
+        tokenizer = load_tokenizer(tok_folder)
+        check_tokenizer(manifest, tokenizer, tok_folder)
+        return tok_folder, tokenizer, int(tokenizer.vocab_size)
+    tok = manifest["tokenizer"]
+    if tok.get("type") == "tokenizers":  # the copy the folder holds goes into the run folder
+        return str(prepared), None, int(tok["vocab_size"])
+    tokenizer = load_tokenizer(None)
+    check_tokenizer(manifest, tokenizer, None)
+    return None, tokenizer, int(tokenizer.vocab_size)
+
+
+def _training_dataset(
+    args: argparse.Namespace, tokenizer: Any, prepared: Path | None, is_main: bool
+) -> Any:
+    """The rows to train on: memory-mapped shards of a prepared folder, else the records of
+    --data / --hf-dataset tokenized in memory."""
+    from .training import (
+        build_pretrain_dataset,
+        build_sft_dataset,
+        records_to_pairs,
+        records_to_texts,
+    )
+
+    sft = args.objective == "sft"
+    if prepared is not None:
+        from .training.shards import ShardDataset
+
+        verify = is_main and not args.no_verify_data
+        dataset = ShardDataset(
+            prepared, seq_len=args.seq_len, objective=args.objective, verify=verify
+        )
+        dropped = dataset.dropped
+    elif sft:
+        pairs = records_to_pairs(_data_records(args), tokenizer, chat_template=args.chat_template)
+        dataset, dropped = build_sft_dataset(
+            pairs, seq_len=args.seq_len, eos_id=tokenizer.eos_token_id
+        )
+    else:
+        texts = records_to_texts(_data_records(args), field=args.text_field)
+        return build_pretrain_dataset(texts, tokenizer, seq_len=args.seq_len, add_bos=args.add_bos)
+    if dropped and is_main:
+        print(f"note: {dropped} examples dropped (prompt longer than --seq-len)")
+    return dataset
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .training.prepare import prepare_shards
+
+    if not args.data and not args.hf_dataset:
+        raise CLIError("no data: pass --data FILE... and/or --hf-dataset NAME")
+    if args.sft and (args.add_bos or args.text_field != "text"):
+        raise CLIError("--add-bos and --text-field are for pre-training data (without --sft)")
+    if args.chat_template and not args.sft:
+        raise CLIError("--chat-template is for SFT data: add --sft")
+    workers = args.workers
+    if workers is None:  # one core is left to the process that reads records, writes shards
+        workers = max(1, min((os.cpu_count() or 1) - 1, 8))
+    if workers < 1 or args.shard_tokens < 1:
+        raise CLIError("--workers and --shard-tokens must be >= 1")
+    if args.tokenizer is not None and not Path(args.tokenizer).is_dir():
+        raise CLIError(f"--tokenizer folder not found: {args.tokenizer!r}")
+    source = {
+        "data": [str(d) for d in args.data],
+        "data_format": args.data_format,
+        "hf_dataset": args.hf_dataset,
+        "hf_config": args.hf_config,
+        "hf_split": args.hf_split if args.hf_dataset else None,
+        "hf_limit": args.hf_limit,
+    }
+    m = prepare_shards(
+        _data_records(args),
+        args.out,
+        objective="sft" if args.sft else "pretrain",
+        tokenizer_folder=args.tokenizer,
+        text_field=args.text_field,
+        add_bos=args.add_bos,
+        chat_template=args.chat_template,
+        dtype=args.dtype,
+        shard_tokens=args.shard_tokens,
+        workers=workers,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        source=source,
+    )
+    what = ("example" if args.sft else "document") + ("" if m["num_documents"] == 1 else "s")
+    print(
+        f"prepared {m['num_documents']} {what}, {m['num_tokens']} tokens ({m['dtype']}, "
+        f"{len(m['shards'])} shard(s)) in {args.out}; train with: llada-ext "
+        f"{'sft' if args.sft else 'train'} --data {shlex.quote(args.out)}"
+    )
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from .model import LLaDAConfig, LLaDAModel
+    from .training import TrainConfig, Trainer, cleanup_distributed, init_distributed
+
+    _set_threads(args)
+    from .training.cli_support import check_batch_args, dry_run
+
+    if args.dry_run:
+        return dry_run(args)
+    check_batch_args(args)
+    if not args.data and not args.hf_dataset:
+        raise CLIError("no training data: pass --data FILE... and/or --hf-dataset NAME")
+    if not 2 <= args.seq_len <= MAX_TOKENS:
+        raise CLIError(f"--seq-len must lie in [2, {MAX_TOKENS}], got {args.seq_len}")
+    if args.init_from is not None and not Path(args.init_from).is_dir():
+        raise CLIError(f"--init-from folder not found: {args.init_from!r}")
+    prepared = _prepared_folder(args)
+    tok_folder, tokenizer, vocab_size = _training_tokenizer(args, prepared)
 
     info = init_distributed(args.device)
     try:
@@ -779,32 +1037,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
             _check_training_memory(cfg, args.device)
             model = LLaDAModel(cfg, backend=args.backend)
         apply_threads(args.threads, model.config.d_model)
-        if tokenizer.vocab_size > model.config.vocab_size:
+        if vocab_size > model.config.vocab_size:
             raise CLIError(
-                f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
+                f"the tokenizer has {vocab_size} ids but the model only "
                 f"{model.config.vocab_size}; pick a matching --tokenizer / model"
             )
-
-        def records() -> Any:
-            if args.data:
-                yield from read_records(args.data, fmt=args.data_format)
-            if args.hf_dataset:
-                yield from load_hf_records(
-                    args.hf_dataset, config=args.hf_config, split=args.hf_split, limit=args.hf_limit
-                )
-
-        if sft:
-            pairs = records_to_pairs(records(), tokenizer, chat_template=args.chat_template)
-            dataset, dropped = build_sft_dataset(
-                pairs, seq_len=args.seq_len, eos_id=tokenizer.eos_token_id
-            )
-            if dropped and info.is_main:
-                print(f"note: {dropped} examples dropped (prompt longer than --seq-len)")
-        else:
-            texts = records_to_texts(records(), field=args.text_field)
-            dataset = build_pretrain_dataset(
-                texts, tokenizer, seq_len=args.seq_len, add_bos=args.add_bos
-            )
+        dataset = _training_dataset(args, tokenizer, prepared, info.is_main)
 
         tc = TrainConfig(
             objective=args.objective,
@@ -812,6 +1050,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             steps=args.steps,
             micro_batch_size=args.batch_size,
             grad_accum=args.grad_accum,
+            global_batch=args.global_batch,
             lr=args.lr,
             min_lr_ratio=args.min_lr_ratio,
             warmup_steps=args.warmup_steps,
@@ -821,7 +1060,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             grad_clip=args.grad_clip,
             seed=args.seed,
             mask_eps=args.mask_eps,
-            random_length_prob=0.0 if sft else args.random_length_prob,
+            random_length_prob=0.0 if args.objective == "sft" else args.random_length_prob,
             precision=args.precision,
             gradient_checkpointing=args.gradient_checkpointing,
             fsdp=args.fsdp,

@@ -161,6 +161,8 @@ def test_two_ranks_match_single_process(tmp_path, fsdp, backend) -> None:
     )
     for k, v in params.items():
         torch.testing.assert_close(r0["params"][k], v, rtol=1e-4, atol=1e-5)
-    # Only rank 0 wrote the run folder.
-    ckpts = list((tmp_path / "dist" / "checkpoints").iterdir())
-    assert sorted(p.name for p in ckpts) == ["step-00000003.pt", "step-00000003.pt.sha256"]
+    ckpts = sorted(p.name for p in (tmp_path / "dist" / "checkpoints").iterdir())
+    if fsdp:  # one distributed checkpoint folder, a shard per rank (test_distributed_checkpoint)
+        assert ckpts == ["step-00000003.dcp"]
+    else:  # only rank 0 wrote the checkpoint file
+        assert ckpts == ["step-00000003.pt", "step-00000003.pt.sha256"]

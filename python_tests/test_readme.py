@@ -128,10 +128,12 @@ def test_readme_hugging_face_snippet(monkeypatch):
     assert ns["model"].model.transformer.wte.weight is ns["hf"].model.transformer.wte.weight
 
 
-def _command_lines() -> list[str]:
-    i = README.index("The command line")
+def _command_lines(marker: str = "The command line") -> list[str]:
+    """The lines of the first bash block after `marker` (trailing comments dropped)."""
+    i = README.index(marker)
     block = re.search(r"```bash\n(.*?)```", README[i:], flags=re.S).group(1)
-    return [line.split("   #")[0].strip() for line in block.splitlines() if line.strip()]
+    lines = [line.split("   #")[0].strip() for line in block.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 def test_readme_command_lines(demo_run):
@@ -154,6 +156,19 @@ def test_readme_command_lines(demo_run):
     assert first == "reverse: abcd = dcba"  # what the README's comment says
     assert (cwd / "runs" / "sft" / "config.json").is_file()
     assert lx.__version__ in outputs["llada-ext --version"]
+    # the token-shard block, and the memory plan of the multi-node block (the torchrun and
+    # export lines there need several machines and a finished 8B run)
+    shard_lines = _command_lines("Large corpora are tokenized")
+    dry_run = [ln for ln in _command_lines("### Training on several machines") if "--dry-run" in ln]
+    assert len(shard_lines) == 4 and len(dry_run) == 1
+    for line in shard_lines + dry_run:
+        proc = subprocess.run(
+            ["bash", "-c", line], cwd=cwd, capture_output=True, text=True, timeout=600,
+            env=_env(demo_run),
+        )  # fmt: skip
+        assert proc.returncode == 0, (line, proc.stdout[-1500:], proc.stderr[-1500:])
+    assert (cwd / "runs" / "sft-shards" / "config.json").is_file()
+    assert "GiB" in proc.stdout  # the dry run's memory plan
 
 
 def test_python_quickstart_example(demo_run):

@@ -32,7 +32,9 @@ from .losses import (
     pretrain_loss,
     sft_loss,
 )
+from .prepare import prepare_shards
 from .schedule import make_wsd_scheduler, wsd_factor
+from .shards import ShardDataset
 from .trainer import TrainConfig, Trainer, TrainResult
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "MaskNoise",
     "MaskedLMObjective",
     "SequenceDataset",
+    "ShardDataset",
     "TrainConfig",
     "TrainResult",
     "Trainer",
@@ -59,6 +62,7 @@ __all__ = [
     "load_hf_records",
     "make_wsd_scheduler",
     "masked_token_loss",
+    "prepare_shards",
     "pretrain_loss",
     "read_records",
     "records_to_pairs",

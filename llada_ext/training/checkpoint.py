@@ -14,6 +14,10 @@ Each checkpoint file gets a manifest, ``step-XXXXXXXX.pt.sha256``, written atomi
 the SHA-256 of the file. Loading verifies it, so a flipped bit or a file changed on disk is a
 ``ValueError`` naming the file instead of a run silently resumed from corrupted state.
 Temporary files left by a process killed mid-write are removed when the run starts again.
+
+FSDP2 runs write folders instead, ``step-XXXXXXXX.dcp/``, one shard per rank
+(:mod:`llada_ext.training.dcp`); :class:`CheckpointManager` lists, prunes and cleans up both
+kinds, and :func:`resolve_checkpoint` finds either for ``--resume``.
 """
 
 from __future__ import annotations
@@ -39,15 +43,18 @@ __all__ = [
     "atomic_save",
     "capture_rng_state",
     "load_checkpoint",
+    "resolve_checkpoint",
     "restore_rng_state",
 ]
 
 #: Version tag written into every checkpoint.
 CHECKPOINT_FORMAT = "llada_ext.train/1"
 
-_NAME_RE = re.compile(r"^step-(\d{8,})\.pt$")
+_NAME_RE = re.compile(r"^step-(\d{8,})\.(pt|dcp)$")
 # What atomic_write leaves behind when killed between creating its temp file and the rename.
 _TEMP_RE = re.compile(r"^\.step-\d{8,}\.pt(\.sha256)?\..*\.tmp$")
+# The folder of a distributed save that was killed before rank 0 renamed it.
+_TEMP_DIR_RE = re.compile(r"^\.step-\d{8,}\.dcp\.tmp-.+$")
 MANIFEST_SUFFIX = ".sha256"
 
 logger = logging.getLogger(__name__)
@@ -231,6 +238,10 @@ def remove_interrupted_saves(folder: str | os.PathLike) -> None:
 class CheckpointManager:
     """Writes ``step-XXXXXXXX.pt`` files into one folder and keeps the newest ``keep_last``.
 
+    The distributed ``step-XXXXXXXX.dcp`` folders of FSDP2 runs (written by
+    :func:`~llada_ext.training.dcp.save_dcp_checkpoint`) are listed, pruned and cleaned up
+    alongside.
+
     Parameters
     ----------
     directory : path-like
@@ -257,21 +268,29 @@ class CheckpointManager:
                     logger.info("removed %s, left by an interrupted write", p)
                 except OSError:
                     pass
+            elif _TEMP_DIR_RE.match(p.name) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+                logger.info("removed %s, left by an interrupted distributed save", p)
 
     def path_for(self, step: int) -> Path:
         """File name of the checkpoint of ``step``."""
         return self.directory / f"step-{step:08d}.pt"
 
     def list(self) -> list[tuple[int, Path]]:
-        """Existing checkpoints as ``(step, path)``, oldest first."""
+        """Existing checkpoints (files and DCP folders) as ``(step, path)``, oldest first.
+
+        Two checkpoints of the same step (a run restarted with another wrapping) are ordered
+        by modification time.
+        """
         if not self.directory.is_dir():
             return []
         found = []
         for p in self.directory.iterdir():
             m = _NAME_RE.match(p.name)
-            if m and p.is_file():
-                found.append((int(m.group(1)), p))
-        return sorted(found)
+            # a .dcp folder exists under its final name only once complete (see dcp.py)
+            if m and (p.is_file() if m.group(2) == "pt" else p.is_dir()):
+                found.append((int(m.group(1)), p.stat().st_mtime_ns, p))
+        return [(step, p) for step, _, p in sorted(found)]
 
     def latest(self) -> Path | None:
         """Path of the newest checkpoint, or None."""
@@ -304,8 +323,31 @@ class CheckpointManager:
         if self.keep_last <= 0:
             return
         for _, p in self.list()[: -self.keep_last]:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+                continue
             for f in (p, p.with_name(p.name + MANIFEST_SUFFIX)):
                 try:
                     f.unlink()
                 except FileNotFoundError:
                     pass
+
+
+def resolve_checkpoint(resume: str | os.PathLike) -> Path:
+    """The checkpoint ``resume`` names: a checkpoint file, a DCP checkpoint folder, a
+    checkpoints folder or a run folder (the newest checkpoint in them).
+
+    Raises
+    ------
+    FileNotFoundError
+        If the path holds no checkpoint.
+    """
+    p = Path(resume)
+    if p.is_file() or (p.is_dir() and _NAME_RE.match(p.name)):
+        return p
+    for folder in (p / "checkpoints", p):
+        if folder.is_dir():
+            latest = CheckpointManager(folder).latest()
+            if latest is not None:
+                return latest
+    raise FileNotFoundError(f"no checkpoint found at {str(p)!r}")

@@ -1,14 +1,19 @@
-"""Training data: reading text / JSONL / Hugging Face datasets, tokenising, packing, and a
-deterministic, resumable, rank-sharded order.
+"""Training data: reading text / JSONL / Hugging Face datasets, tokenising, packing; the
+deterministic, resumable, rank-sharded order (:class:`DataStream`, from
+:mod:`llada_ext.training.order`) is importable from here as well.
 
 Pre-training data is a list of documents; each is tokenised, followed by EOS, concatenated and
 cut into fixed-length sequences (the last one padded with EOS). SFT data is a list of
 (prompt, response) pairs; each becomes ``prompt + response + EOS...`` padded with EOS to the
 fixed length, and its prompt length is kept so the prompt is never masked (Alg. 2).
 
-The order of sequences is a fresh permutation per epoch drawn from ``(seed, epoch)``; the
+The order of sequences is a fresh permutation per epoch keyed by ``(seed, epoch)`` and
+evaluated position by position (:mod:`llada_ext.training.order`: no per-epoch array); the
 stream's whole state is one integer position, so a checkpoint can store it and a resumed run
-sees exactly the sequences it would have seen.
+sees exactly the sequences it would have seen. Any dataset with ``len``, ``seq_len``,
+``is_sft`` and ``rows(indices)`` can be streamed: :class:`SequenceDataset` (in memory) and
+:class:`~llada_ext.training.shards.ShardDataset` (memory-mapped token shards) give the same
+batches for the same data.
 """
 
 from __future__ import annotations
@@ -24,13 +29,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .losses import keyed_generator
+from .errors import DataError
+from .order import Batch, DataStream, SequenceSource
 
 __all__ = [
     "Batch",
     "DataError",
     "DataStream",
     "SequenceDataset",
+    "SequenceSource",
     "build_pretrain_dataset",
     "build_sft_dataset",
     "expand_paths",
@@ -40,10 +47,6 @@ __all__ = [
     "records_to_pairs",
     "records_to_texts",
 ]
-
-
-class DataError(ValueError):
-    """A problem with the user's data (missing file, bad JSON, missing field...)."""
 
 
 _TEXT_SUFFIXES = (".txt", ".text", ".md")
@@ -97,14 +100,25 @@ def _is_jsonl(path: Path, fmt: str) -> bool:
     return path.suffix in _JSONL_SUFFIXES
 
 
+def _is_json_array(path: Path) -> bool:
+    """A .json file whose first non-blank character is '[' (one array of records)."""
+    if path.suffix != ".json":
+        return False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        while True:
+            block = f.read(1 << 16)
+            if not block:
+                return False
+            stripped = block.lstrip()
+            if stripped:
+                return stripped.startswith("[")
+
+
 def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    stripped = text.lstrip()
-    if path.suffix == ".json" and stripped.startswith("["):
+    if _is_json_array(path):
         # A .json file holding one array of records is accepted as well.
         try:
-            data = json.loads(text)
+            data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, RecursionError) as e:
             raise DataError(f"{path}: not valid JSON ({e})") from None
         for i, rec in enumerate(data):
@@ -112,17 +126,19 @@ def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
                 raise DataError(f"{path}: item {i} is not a JSON object")
             yield rec
         return
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as e:
-            why = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
-            raise DataError(f"{path}:{lineno}: not valid JSON ({why})") from None
-        if not isinstance(rec, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object per line")
-        yield rec
+    # Line by line: memory stays flat for files of any size.
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as e:
+                why = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+                raise DataError(f"{path}:{lineno}: not valid JSON ({why})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object per line")
+            yield rec
 
 
 def read_records(
@@ -146,7 +162,10 @@ def read_records(
     """
     for path in expand_paths(paths):
         if _is_jsonl(path, fmt):
-            yield from _read_jsonl(path)
+            try:
+                yield from _read_jsonl(path)
+            except UnicodeDecodeError:
+                raise DataError(f"{path}: not UTF-8 text") from None
         else:
             try:
                 yield {"text": path.read_text(encoding="utf-8")}
@@ -210,7 +229,9 @@ def load_hf_records(
         yield dict(rec)
 
 
-def records_to_texts(records: Iterable[dict[str, Any]], *, field: str = "text") -> Iterator[str]:
+def records_to_texts(
+    records: Iterable[dict[str, Any]], *, field: str = "text", start: int = 0
+) -> Iterator[str]:
     """Extract the pre-training text of each record.
 
     Parameters
@@ -219,13 +240,15 @@ def records_to_texts(records: Iterable[dict[str, Any]], *, field: str = "text") 
         Records from :func:`read_records` or :func:`load_hf_records`.
     field : str
         Name of the text field.
+    start : int
+        Number of the first record in error messages (for a slice of a longer stream).
 
     Yields
     ------
     str
         Non-empty document texts.
     """
-    for i, rec in enumerate(records):
+    for i, rec in enumerate(records, start):
         if field not in rec:
             raise DataError(
                 f"record {i} has no {field!r} field (fields: {sorted(rec)}); "
@@ -245,6 +268,7 @@ def records_to_pairs(
     chat_template: bool = False,
     prompt_field: str = "prompt",
     response_field: str = "response",
+    start: int = 0,
 ) -> Iterator[tuple[list[int], list[int]]]:
     """Turn SFT records into (prompt ids, response ids) pairs.
 
@@ -262,6 +286,8 @@ def records_to_pairs(
         Wrap prompt/response pairs in the chat template as well.
     prompt_field, response_field : str
         Field names of the pair format.
+    start : int
+        Number of the first record in error messages (for a slice of a longer stream).
 
     Yields
     ------
@@ -270,7 +296,7 @@ def records_to_pairs(
         is used and the tokenizer has one; EOS padding is added later).
     """
     eot = getattr(tokenizer, "eot_token_id", None)
-    for i, rec in enumerate(records):
+    for i, rec in enumerate(records, start):
         if "messages" in rec:
             msgs = rec["messages"]
             if (
@@ -387,6 +413,13 @@ class SequenceDataset:
         """True when the sequences carry prompt lengths."""
         return self.prompt_lengths is not None
 
+    def rows(self, indices: Sequence[int]) -> tuple[Tensor, Tensor | None]:
+        """Sequences ``indices``: int64 ``[b, L]`` tokens and int64 ``[b]`` prompt lengths
+        (None for pre-training data)."""
+        idx = list(indices)
+        pl = self.prompt_lengths[idx] if self.prompt_lengths is not None else None
+        return self.tokens[idx], pl
+
 
 def build_pretrain_dataset(
     texts: Iterable[str],
@@ -467,127 +500,3 @@ def build_sft_dataset(
         )
     ds = SequenceDataset(torch.from_numpy(np.stack(rows)), torch.tensor(plens, dtype=torch.long))
     return ds, dropped
-
-
-@dataclass
-class Batch:
-    """One micro-batch of one rank.
-
-    Attributes
-    ----------
-    input_ids : Tensor
-        int64 ``[b, L]`` clean tokens.
-    prompt_lengths : Tensor or None
-        int64 ``[b]`` for SFT.
-    keys : list of int
-        Global stream position of each row (the key of its mask noise).
-    """
-
-    input_ids: Tensor
-    prompt_lengths: Tensor | None
-    keys: list[int]
-
-
-class DataStream:
-    """Deterministic, resumable, rank-sharded order over a :class:`SequenceDataset`.
-
-    Position ``p`` of the stream is sequence ``perm_e[p % N]`` with ``e = p // N`` and
-    ``perm_e`` a permutation drawn from ``(seed, e)``. One optimizer step consumes
-    ``world_size * grad_accum * micro_batch`` consecutive positions; micro-batch ``m`` of rank
-    ``r`` takes the ``micro_batch`` positions starting at ``(m * world_size + r) * micro_batch``.
-    The sequences of a step and their noise keys are therefore the same for any split of the
-    global batch over ranks and accumulation steps.
-
-    Parameters
-    ----------
-    dataset : SequenceDataset
-        The sequences.
-    seed : int
-        Order seed.
-    shuffle : bool
-        If False, every epoch visits the sequences in stored order.
-    """
-
-    def __init__(self, dataset: SequenceDataset, *, seed: int, shuffle: bool = True) -> None:
-        self.dataset = dataset
-        self.seed = int(seed)
-        self.shuffle = shuffle
-        self.position = 0
-        self._perm_epoch = -1
-        self._perm: Tensor | None = None
-
-    def _order(self, epoch: int) -> Tensor:
-        if self._perm_epoch != epoch:
-            n = len(self.dataset)
-            if self.shuffle:
-                g = keyed_generator(self.seed, 0x6F72646572, epoch)  # "order"
-                self._perm = torch.randperm(n, generator=g)
-            else:
-                self._perm = torch.arange(n)
-            self._perm_epoch = epoch
-        assert self._perm is not None
-        return self._perm
-
-    def indices(self, start: int, count: int) -> list[int]:
-        """Dataset indices at stream positions ``start .. start + count - 1``."""
-        n = len(self.dataset)
-        out = []
-        for p in range(start, start + count):
-            out.append(int(self._order(p // n)[p % n]))
-        return out
-
-    def step_batches(
-        self, *, micro_batch: int, grad_accum: int, rank: int = 0, world_size: int = 1
-    ) -> list[Batch]:
-        """The micro-batches of this rank for the next optimizer step (does not advance).
-
-        Parameters
-        ----------
-        micro_batch : int
-            Sequences per micro-batch per rank.
-        grad_accum : int
-            Micro-batches per optimizer step.
-        rank, world_size : int
-            This process's rank and the number of processes.
-
-        Returns
-        -------
-        list of Batch
-            ``grad_accum`` micro-batches.
-        """
-        out = []
-        for m in range(grad_accum):
-            start = self.position + (m * world_size + rank) * micro_batch
-            idx = self.indices(start, micro_batch)
-            ids = self.dataset.tokens[idx]
-            pl = (
-                self.dataset.prompt_lengths[idx]
-                if self.dataset.prompt_lengths is not None
-                else None
-            )
-            out.append(Batch(ids, pl, list(range(start, start + micro_batch))))
-        return out
-
-    def advance(self, count: int) -> None:
-        """Move the stream forward by ``count`` positions."""
-        self.position += int(count)
-
-    @property
-    def epoch(self) -> float:
-        """Fractional number of passes over the data so far."""
-        return self.position / len(self.dataset)
-
-    def state_dict(self) -> dict[str, int]:
-        """The stream's state (for checkpoints)."""
-        return {"position": self.position, "seed": self.seed, "num_sequences": len(self.dataset)}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Restore a state from :meth:`state_dict` (the data must be the same)."""
-        if int(state["num_sequences"]) != len(self.dataset):
-            raise DataError(
-                f"the checkpoint was trained on {state['num_sequences']} sequences but the data "
-                f"now has {len(self.dataset)}: resume with the same data and sequence length"
-            )
-        self.seed = int(state["seed"])
-        self.position = int(state["position"])
-        self._perm_epoch = -1

@@ -4,8 +4,12 @@ The trainer runs unchanged under ``torchrun --nproc-per-node N``: ranks come fro
 environment torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), the backend is NCCL on
 CUDA and Gloo on the CPU. With ``fsdp=True`` every transformer block and the root are sharded
 with ``torch.distributed.fsdp.fully_shard`` (FSDP2), for models whose weights, gradients and
-optimizer state do not fit on one GPU; checkpoints are then gathered to full tensors on the
-CPU of rank 0.
+optimizer state do not fit on one GPU; checkpoints are then written shard by shard with
+``torch.distributed.checkpoint`` (:mod:`llada_ext.training.dcp`).
+
+The global batch (sequences per optimizer step) is a setting of the run, not of the launch:
+:func:`split_global_batch` turns it into gradient accumulation steps for the world size at
+hand, so a run resumed on more or fewer processes keeps its batch.
 """
 
 from __future__ import annotations
@@ -20,15 +24,18 @@ from torch import nn
 
 __all__ = [
     "DistInfo",
+    "all_gather_objects",
     "all_reduce_max_flag",
     "all_reduce_mean",
     "barrier",
     "broadcast_object",
     "cleanup_distributed",
+    "full_model_state_dict",
     "full_state_dicts",
     "gather_objects",
     "init_distributed",
     "load_full_state_dicts",
+    "split_global_batch",
     "wrap_for_training",
 ]
 
@@ -173,6 +180,15 @@ def gather_objects(obj: Any) -> list[Any] | None:
     return out
 
 
+def all_gather_objects(obj: Any) -> list[Any]:
+    """One picklable object per rank, in rank order, on every rank (``[obj]`` alone)."""
+    if not _active():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank."""
     if not _active():
@@ -264,6 +280,80 @@ def full_state_dicts(
     return msd, osd
 
 
+def full_model_state_dict(model: nn.Module, *, fsdp: bool) -> dict[str, torch.Tensor]:
+    """The full model state dict on the CPU (with FSDP a collective, complete on rank 0)."""
+    if not fsdp:
+        return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts)
+
+
+def _divisors(n: int, limit: int = 12) -> str:
+    """'1, 2, 3 or 6': the divisors of `n` (the first `limit` of them)."""
+    found = [str(d) for d in range(1, n + 1) if n % d == 0]
+    if len(found) > limit:
+        return ", ".join(found[:limit]) + ", ..."
+    return found[0] if len(found) == 1 else ", ".join(found[:-1]) + " or " + found[-1]
+
+
+def split_global_batch(global_batch: int, micro_batch_size: int, world_size: int) -> int:
+    """Gradient accumulation steps that keep ``global_batch`` sequences per optimizer step.
+
+    Parameters
+    ----------
+    global_batch : int
+        Sequences per optimizer step over all ranks.
+    micro_batch_size : int
+        Sequences per forward/backward per rank.
+    world_size : int
+        Number of processes.
+
+    Returns
+    -------
+    int
+        ``global_batch // (world_size * micro_batch_size)``.
+
+    Raises
+    ------
+    ValueError
+        When ``global_batch`` is not a multiple of ``world_size * micro_batch_size``; the
+        message lists the micro-batch sizes and world sizes that would keep it.
+    """
+    for name, value in (
+        ("global_batch", global_batch),
+        ("micro_batch_size", micro_batch_size),
+        ("world_size", world_size),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    per_pass = micro_batch_size * world_size
+    if global_batch % per_pass == 0:
+        return global_batch // per_pass
+    procs = f"{world_size} process" + ("es" if world_size != 1 else "")
+    if global_batch % world_size == 0:
+        micro = (
+            f"micro_batch_size (--batch-size) {_divisors(global_batch // world_size)} with {procs}"
+        )
+    else:
+        micro = (
+            f"no micro_batch_size with {procs} ({global_batch} is not a multiple of {world_size})"
+        )
+    if global_batch % micro_batch_size == 0:
+        worlds = (
+            f"{_divisors(global_batch // micro_batch_size)} processes with micro_batch_size "
+            f"{micro_batch_size}"
+        )
+    else:
+        worlds = f"no world size with micro_batch_size {micro_batch_size} (it does not divide it)"
+    raise ValueError(
+        f"global_batch {global_batch} (sequences per optimizer step) cannot be kept with "
+        f"{procs} x micro_batch_size {micro_batch_size}: it must be a multiple of "
+        f"world_size * micro_batch_size = {per_pass}. Sizes that work: {micro}; {worlds}"
+    )
+
+
 def load_full_state_dicts(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -273,6 +363,10 @@ def load_full_state_dicts(
     fsdp: bool,
 ) -> None:
     """Load full state dicts written by :func:`full_state_dicts` (every rank calls this).
+
+    The optimizer state may be keyed by parameter index (``optimizer.state_dict()``, single
+    process and DDP) or by parameter name (FSDP2's full state dict): it is re-keyed by position
+    to what this run needs, so a checkpoint of either kind loads with or without FSDP.
 
     Parameters
     ----------
@@ -285,6 +379,7 @@ def load_full_state_dicts(
     fsdp : bool
         Whether the parameters are FSDP2-sharded.
     """
+    optim_state = _rekey_optimizer_state(model, optimizer, optim_state, by_name=fsdp)
     if not fsdp:
         model.load_state_dict(model_state, strict=True)
         optimizer.load_state_dict(optim_state)
@@ -295,6 +390,28 @@ def load_full_state_dicts(
     set_state_dict(
         model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=opts
     )
+
+
+def _rekey_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], *, by_name: bool
+) -> dict[str, Any]:
+    """``state`` with its parameter keys replaced, position by position, by this optimizer's
+    parameter names (``by_name``) or indices (what ``optimizer.load_state_dict`` expects)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    saved = state["param_groups"]
+    if [len(g["params"]) for g in saved] != [len(g) for g in groups]:
+        raise ValueError(
+            "the checkpoint's optimizer state does not match the model's parameter groups"
+        )
+    keys: dict[Any, Any] = {}
+    new_groups = []
+    for group, own in zip(saved, groups):
+        start = len(keys)
+        new = own if by_name else list(range(start, start + len(own)))
+        keys.update(zip(group["params"], new))
+        new_groups.append({**group, "params": new})
+    return {"state": {keys[k]: v for k, v in state["state"].items()}, "param_groups": new_groups}
 
 
 def _to_cpu(obj: Any) -> Any:

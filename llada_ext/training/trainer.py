@@ -1,15 +1,16 @@
 """The training loop: pre-training (Alg. 1) and SFT (Alg. 2) of a LLaDA mask predictor.
 
 One :class:`Trainer` serves both objectives, on one device or under ``torchrun`` (DDP or FSDP2).
-Per optimizer step it takes ``world_size * grad_accum * micro_batch`` sequences from a
-deterministic :class:`~llada_ext.training.data.DataStream`, masks them with noise keyed by each
-sequence's stream position, accumulates gradients, clips them and steps AdamW under a
+Per optimizer step it takes ``global_batch = world_size * grad_accum * micro_batch`` sequences
+from a deterministic :class:`~llada_ext.training.data.DataStream`, masks them with noise keyed
+by each sequence's stream position, accumulates gradients, clips them and steps AdamW under a
 warmup-stable-decay schedule.
 
 Output folder layout::
 
     <out>/config.json, model.safetensors   latest weights (``LLaDAModel.from_pretrained(out)``)
     <out>/checkpoints/step-XXXXXXXX.pt     resumable checkpoints (newest ``keep_last`` kept)
+    <out>/checkpoints/step-XXXXXXXX.dcp/   the same for FSDP2 runs, one shard per rank
     <out>/metrics.jsonl                    one line per step: loss, lr, grad norm, tokens/s
     <out>/train_config.json                the run's settings
 """
@@ -39,20 +40,22 @@ from ..model import config_token_id
 from .checkpoint import (
     CheckpointManager,
     capture_rng_state,
-    load_checkpoint,
     remove_interrupted_saves,
+    resolve_checkpoint,
     restore_rng_state,
 )
 from .data import DataStream, SequenceDataset
+from .dcp import save_dcp_checkpoint
 from .distributed import (
     DistInfo,
     all_reduce_max_flag,
     all_reduce_mean,
     barrier,
+    full_model_state_dict,
     full_state_dicts,
     gather_objects,
-    load_full_state_dicts,
     resolve_device,
+    split_global_batch,
     wrap_for_training,
 )
 from .losses import (
@@ -64,6 +67,7 @@ from .losses import (
     keyed_generator,
     keyed_noise,
 )
+from .resume import check_same_path, load_training_state, restore_schedule
 from .schedule import make_wsd_scheduler
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "param_groups"]
@@ -88,7 +92,12 @@ class TrainConfig:
     micro_batch_size : int
         Sequences per forward/backward per process.
     grad_accum : int
-        Micro-batches accumulated per optimizer step.
+        Micro-batches accumulated per optimizer step (derived from ``global_batch`` when that
+        is set).
+    global_batch : int or None
+        Sequences per optimizer step over all processes. None: ``micro_batch_size *
+        grad_accum * world_size``. Either way the trainer records it, and a resumed run keeps
+        the checkpoint's value at any world size by recomputing ``grad_accum``.
     lr : float
         Peak learning rate.
     min_lr_ratio : float
@@ -132,6 +141,7 @@ class TrainConfig:
     steps: int = 1000
     micro_batch_size: int = 8
     grad_accum: int = 1
+    global_batch: int | None = None
     lr: float = 4e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
@@ -160,6 +170,9 @@ class TrainConfig:
         for name in ("steps", "micro_batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        gb = self.global_batch
+        if gb is not None and (isinstance(gb, bool) or not isinstance(gb, int) or gb < 1):
+            raise ValueError(f"global_batch must be a positive int or None, got {gb!r}")
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         if self.warmup_steps < 0:
@@ -310,6 +323,7 @@ class Trainer:
         tokenizer_folder: str | os.PathLike | None = None,
     ) -> None:
         config.validate()
+        config = dataclasses.replace(config)  # global_batch / grad_accum are filled in below
         if config.objective == "sft" and not dataset.is_sft:
             raise ValueError("objective 'sft' needs a dataset with prompt lengths")
         if config.objective == "pretrain" and dataset.is_sft:
@@ -317,6 +331,13 @@ class Trainer:
         self.config = config
         self.info = dist_info if dist_info is not None else DistInfo(device=resolve_device(device))
         self.device = self.info.device
+        self._global_batch_given = config.global_batch is not None
+        gb = (
+            config.global_batch
+            or config.micro_batch_size * config.grad_accum * self.info.world_size
+        )
+        config.grad_accum = split_global_batch(gb, config.micro_batch_size, self.info.world_size)
+        config.global_batch = gb
         self.dataset = dataset
         self.tokenizer_folder = Path(tokenizer_folder) if tokenizer_folder else None
         self.out_dir = Path(config.out_dir)
@@ -362,7 +383,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------------
     @property
     def sequences_per_step(self) -> int:
-        """Sequences consumed by one optimizer step over all ranks."""
+        """Sequences consumed by one optimizer step over all ranks (the global batch)."""
         c = self.config
         return c.micro_batch_size * c.grad_accum * self.info.world_size
 
@@ -533,30 +554,45 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
-        """Write a checkpoint of the current step and the model weights (rank 0 writes).
+        """Write a checkpoint of the current step and the model weights.
 
-        Every rank must call this (with FSDP the full state is gathered collectively).
+        Every rank must call this. Single process and DDP: rank 0 writes one file. FSDP2:
+        every rank writes its shards into one ``.dcp`` folder (:mod:`.dcp`); the full weights
+        for ``<out>/model.safetensors`` are gathered collectively.
 
         Returns
         -------
         Path or None
-            The checkpoint file on rank 0, None on the other ranks.
+            The checkpoint: on rank 0, and with FSDP2 on every rank; None elsewhere.
         """
-        msd, osd = full_state_dicts(self.model, self.optimizer, fsdp=self.config.fsdp)
+        trainer_state = {
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.stream.state_dict(),
+            "train_config": self.config.to_dict(),
+            "model_config": self.model.config.to_dict(),
+        }
+        if self.config.fsdp:
+            path = save_dcp_checkpoint(
+                self.ckpt.directory,
+                self.step,
+                self.model,
+                self.optimizer,
+                trainer_state,
+                capture_rng_state(),
+            )
+            self.last_checkpoint = path
+            msd = full_model_state_dict(self.model, fsdp=True)
+            if self.info.is_main:
+                self.ckpt.prune()
+                self._save_pretrained(msd)
+            barrier()
+            return path
+        msd, osd = full_state_dicts(self.model, self.optimizer, fsdp=False)
         rng = gather_objects(capture_rng_state())
         path = None
         if self.info.is_main:
-            state = {
-                "model": msd,
-                "optimizer": osd,
-                "scheduler": self.scheduler.state_dict(),
-                "data": self.stream.state_dict(),
-                "rng": rng,
-                "world_size": self.info.world_size,
-                "train_config": self.config.to_dict(),
-                "model_config": self.model.config.to_dict(),
-            }
-            path = self.ckpt.save(self.step, state)
+            state = {"model": msd, "optimizer": osd, "rng": rng, **trainer_state}
+            path = self.ckpt.save(self.step, {**state, "world_size": self.info.world_size})
             self._save_pretrained(msd)
             self.last_checkpoint = path
         barrier()
@@ -579,26 +615,9 @@ class Trainer:
                 if src.is_file() and src.resolve() != (self.out_dir / name).resolve():
                     shutil.copyfile(src, self.out_dir / name)
 
-    def _restore_schedule(self, last_epoch: int) -> None:
-        """Continue the schedule at ``last_epoch`` with *this* run's settings.
-
-        The checkpoint's own schedule settings are not restored, so a resumed run may change
-        ``--steps`` (e.g. extend a warmup-stable-decay run) or the peak ``--lr``; with the
-        same settings the learning rates are exactly those of an uninterrupted run.
-        """
-        sch = self.scheduler
-        sch.last_epoch = last_epoch
-        sch.base_lrs = [self.config.lr for _ in self.optimizer.param_groups]
-        lrs = []
-        for group, base, fn in zip(self.optimizer.param_groups, sch.base_lrs, sch.lr_lambdas):
-            group["initial_lr"] = base
-            group["lr"] = base * fn(last_epoch)  # the expression LambdaLR itself evaluates
-            lrs.append(group["lr"])
-        sch._last_lr = lrs  # what get_last_lr() reports
-
     def find_checkpoint(self, resume: str | os.PathLike) -> Path | None:
         """Resolve ``resume``: "auto" (newest in this run's folder, None if there is none),
-        a checkpoint file, a run folder or a checkpoints folder.
+        a checkpoint file or ``.dcp`` folder, a run folder or a checkpoints folder.
 
         Raises
         ------
@@ -607,18 +626,14 @@ class Trainer:
         """
         if str(resume) == "auto":
             return self.ckpt.latest()
-        p = Path(resume)
-        if p.is_file():
-            return p
-        for folder in (p / "checkpoints", p):
-            if folder.is_dir():
-                latest = CheckpointManager(folder).latest()
-                if latest is not None:
-                    return latest
-        raise FileNotFoundError(f"no checkpoint found at {str(p)!r}")
+        return resolve_checkpoint(resume)
 
     def resume(self, resume: str | os.PathLike) -> bool:
         """Load a checkpoint so that training continues exactly where it stopped.
+
+        Either checkpoint format loads into a run of any kind and world size (see
+        :mod:`.resume`); the global batch of the checkpoint is kept unless this run's config
+        sets ``global_batch`` explicitly. Every rank must call this.
 
         Parameters
         ----------
@@ -631,27 +646,23 @@ class Trainer:
             False when ``resume == "auto"`` and there is no checkpoint yet.
         """
         path = self.find_checkpoint(resume)
+        check_same_path(path)
         if path is None:
             return False
-        ckpt = load_checkpoint(path)
-        if ckpt["model_config"] != self.model.config.to_dict():
-            raise ValueError(
-                f"checkpoint {str(path)!r} was trained with a different model configuration"
-            )
-        if ckpt["train_config"].get("objective") != self.config.objective:
-            raise ValueError(
-                f"checkpoint {str(path)!r} is a {ckpt['train_config'].get('objective')!r} run, "
-                f"not {self.config.objective!r}"
-            )
-        load_full_state_dicts(
-            self.model, self.optimizer, ckpt["model"], ckpt["optimizer"], fsdp=self.config.fsdp
+        meta, rng = load_training_state(
+            path,
+            self.model,
+            self.optimizer,
+            self.config,
+            self.info,
+            global_batch_given=self._global_batch_given,
         )
-        self._restore_schedule(int(ckpt["scheduler"]["last_epoch"]))
-        self.stream.load_state_dict(ckpt["data"])
-        self.step = int(ckpt["step"])
-        rng = ckpt["rng"]
-        mine = rng[self.info.rank] if len(rng) == self.info.world_size else rng[0]
-        restore_rng_state(mine)
+        restore_schedule(
+            self.scheduler, self.optimizer, self.config.lr, int(meta["scheduler"]["last_epoch"])
+        )
+        self.stream.load_state_dict(meta["data"])
+        self.step = int(meta["step"])
+        restore_rng_state(rng)
         self.last_checkpoint = path
         return True
 
