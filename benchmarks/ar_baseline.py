@@ -34,6 +34,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_common import time_fn  # noqa: E402
+
 from llada_ext.model import (  # noqa: E402
     LLaDABlock,
     LLaDAConfig,
@@ -293,20 +295,11 @@ def hf_generate(model: Any, prompt: torch.Tensor, gen_length: int) -> torch.Tens
 
 def time_generate(fn: Any, device: torch.device, repeats: int) -> tuple[float, float]:
     """(median seconds, peak memory bytes) of ``fn()`` after one warm-up call."""
-    fn()
-    times = []
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    times.sort()
+    sec = time_fn(fn, device, warmup=1, reps=repeats)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    return times[len(times) // 2], float(peak)
+    return sec, float(peak)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -1,5 +1,9 @@
 """Shared pieces of the benchmarks: run metadata, timing, device peaks, result files.
 
+Timing has one implementation here: :func:`timed_call` times one device-synchronised call;
+:func:`time_fn` repeats one callable, :func:`time_interleaved` runs several in rotated
+rounds (paired figures for ratios), :func:`spread_stats` summarises a series.
+
 Every figure a benchmark reports is put next to a ceiling measured *in the same run* on the
 same device (a large matmul for FLOP/s, a large copy for bytes/s), so a number can be read as
 "fraction of what this machine does" rather than against a datasheet.
@@ -15,6 +19,7 @@ import platform
 import statistics
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -113,6 +118,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed_call(fn: Callable[[], Any], device: torch.device) -> float:
+    """Wall seconds of one call of ``fn``, the device synchronised before and after (so work
+    queued before is not counted and the call's own queued work is)."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
 def time_fn(
     fn: Callable[[], Any],
     device: torch.device,
@@ -138,17 +153,108 @@ def time_fn(
     """
     for _ in range(warmup):
         fn()
-    sync(device)
     times: list[float] = []
-    total = 0.0
-    while len(times) < reps or (total < min_time and len(times) < max_reps):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        dt = time.perf_counter() - t0
-        times.append(dt)
-        total += dt
+    while len(times) < reps or (sum(times) < min_time and len(times) < max_reps):
+        times.append(timed_call(fn, device))
     return statistics.median(times)
+
+
+@dataclass
+class Interleaved:
+    """What :func:`time_interleaved` measured.
+
+    ``times[name]`` holds one wall time per round, in round order, for every callable that
+    never raised (round ``r`` of two callables ran in the same stretch of the machine's
+    load, so ``times[a][r] / times[b][r]`` is a paired ratio); ``errors[name]`` the exception
+    of a callable that raised (left out of the later rounds; the others rotate on);
+    ``orders[r]`` the order of round ``r``.
+    """
+
+    times: dict[str, list[float]]
+    errors: dict[str, BaseException]
+    orders: list[list[str]]
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]],
+    device: torch.device,
+    rounds: int,
+    *,
+    warmup: int = 0,
+    before: Optional[Callable[[str], None]] = None,
+    after: Optional[Callable[[str], None]] = None,
+) -> Interleaved:
+    """Time several callables in interleaved rounds, so a busy machine slows them alike.
+
+    Round ``r`` calls every callable once, in the order of ``fns`` rotated by ``r`` (with two
+    callables: a, b, then b, a, ...), each call timed by :func:`timed_call`.
+
+    Parameters
+    ----------
+    fns : dict of str to callable
+        The work to time, by name; results are discarded.
+    device : torch.device
+        Synchronised around every timed call.
+    rounds : int
+        Timed rounds (>= 1).
+    warmup : int
+        Untimed rounds first (same rotation).
+    before, after : callable, optional
+        Called with the name around every timed call, outside the timed window (e.g. to reset
+        and read a peak-memory counter).
+
+    Returns
+    -------
+    Interleaved
+        Per-round times, the exceptions of callables that raised, and the round orders.
+    """
+    names = list(fns)
+    res = Interleaved({n: [] for n in names}, {}, [])
+    for r in range(-warmup, rounds):
+        alive = [n for n in names if n not in res.errors]
+        shift = r % len(alive) if alive else 0
+        order = alive[shift:] + alive[:shift]
+        if r >= 0:
+            res.orders.append(order)
+        for name in order:
+            try:
+                if r < 0:
+                    fns[name]()
+                    continue
+                if before is not None:
+                    before(name)
+                res.times[name].append(timed_call(fns[name], device))
+                if after is not None:
+                    after(name)
+            except Exception as e:  # noqa: BLE001 - the caller reports it per callable
+                res.errors[name] = e
+                res.times.pop(name, None)
+    return res
+
+
+def spread_stats(values: list[float]) -> dict[str, float]:
+    """Median, quartiles (inclusive method) and min/max of ``values`` (at least one)."""
+    values = sorted(values)
+    if len(values) >= 2:
+        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    else:
+        q1 = q3 = values[0]
+    return {
+        "median": statistics.median(values),
+        "q1": q1,
+        "q3": q3,
+        "min": values[0],
+        "max": values[-1],
+        "n": len(values),
+    }
+
+
+def paired_speedups(base_times: list[float], times: list[float]) -> list[float]:
+    """Per round, ``base time / time`` (above 1: faster than the base), from two series of
+    :func:`time_interleaved` times of the same rounds."""
+    if len(base_times) != len(times):
+        raise ValueError(f"unpaired series: {len(base_times)} vs {len(times)} rounds")
+    return [b / t for b, t in zip(base_times, times)]
 
 
 # ---------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Runs the cases of ``kernel_cases.py`` (remask, masked cross-entropy fwd+bwd, attention forward
 and forward+backward) on the CPU (or ``--device cuda``), timing the implementations of a case
-round-robin so that a busy machine slows them alike, and writes
+in interleaved rounds so that a busy machine slows them alike, and writes
 ``results/kernels_<device>.json`` and ``.md`` with the device, commit, date, torch version,
 the device ceilings measured in the same run and every figure.
 
@@ -29,7 +29,7 @@ from bench_common import (  # noqa: E402
     markdown_table,
     measure_peaks,
     run_metadata,
-    sync,
+    time_interleaved,
     write_json,
 )
 from kernel_cases import BUILDERS, Case  # noqa: E402
@@ -38,19 +38,12 @@ DEFAULT_CASES = ["remask", "masked_ce", "attention_fwd", "attention_fwd_bwd", "l
 
 
 def time_case(case: Case, reps: int, warmup: int = 1) -> list[float]:
-    """Median seconds of every implementation of ``case``, timed round-robin."""
-    for impl in case.impls:
-        for _ in range(warmup):
-            impl.fn()
-        sync(case.device)
-    times: list[list[float]] = [[] for _ in case.impls]
-    for _ in range(reps):
-        for i, impl in enumerate(case.impls):
-            t0 = time.perf_counter()
-            impl.fn()
-            sync(case.device)
-            times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+    """Median seconds of every implementation of ``case``, timed in interleaved rounds."""
+    res = time_interleaved({i.name: i.fn for i in case.impls}, case.device, reps, warmup=warmup)
+    if res.errors:
+        name, err = next(iter(res.errors.items()))
+        raise RuntimeError(f"{case.key}: {name} failed: {err!r}") from err
+    return [statistics.median(res.times[i.name]) for i in case.impls]
 
 
 def summarize(case: Case, medians: list[float], peaks: dict[str, float]) -> dict[str, Any]:
@@ -98,7 +91,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"- device: {meta['device']}",
         f"- commit: `{meta['commit']}`, date: {meta['date']}, torch {meta['torch']}",
         "- ceilings measured in this run: " + ", ".join(f"{k} = {v:.3g}" for k, v in peaks.items()),
-        "- times are medians; implementations of a case were timed round-robin",
+        "- times are medians; the implementations of a case were timed in interleaved rounds "
+        "(the order rotated per round)",
         "",
     ]
     rows = []

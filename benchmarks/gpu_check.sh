@@ -15,8 +15,8 @@
 #   bench_attention  benchmarks/bench_attention_cuda.py (TFLOP/s vs SDPA backends)
 #   bench_ce_remask  benchmarks/bench_ce_remask_cuda.py (GB/s vs plain torch)
 #   throughput       benchmarks/throughput.py, 1b dims, batch 1, one prompt/answer pair,
-#                    k = 1 and 4 tokens per step; the methods and lengths are sized to the time
-#                    left (GPU_CHECK_THROUGHPUT_ARGS replaces the choice)
+#                    k = 1 and 4 tokens per step, 3 interleaved rounds; the methods and lengths
+#                    are sized to the time left (GPU_CHECK_THROUGHPUT_ARGS replaces the choice)
 #
 # Time: a total budget (default 540 s) is split into per-stage limits: a stage gets its share
 # of the budget (at least its minimum), never more than what is left, and is skipped with
@@ -596,10 +596,12 @@ stage_bench_ce_remask() {
 # throughput.py options for a time limit: the full method list on the target lengths (prompt
 # 512, answer 256) when there is time, then fewer methods (no HF baseline, no cache/graph
 # variants beyond prefix), then short lengths. 1b dims keep the model build and warm-ups
-# inside a few seconds; the 8b figures need their own call.
+# inside a few seconds; the 8b figures need their own call. Three interleaved rounds: every
+# method of the point runs once per round, so each figure is a median with its spread and
+# the ratios vs AR are paired per round.
 throughput_args() {
   local limit="$1"
-  local common=(--models 1b --batches 1 --ks 1 4 --repeats 1 --out "$RES" --verbose)
+  local common=(--models 1b --batches 1 --ks 1 4 --repeats 3 --out "$RES" --verbose)
   if [ -n "${GPU_CHECK_THROUGHPUT_ARGS:-}" ]; then
     # shellcheck disable=SC2206 # word splitting of the user's option string is intended
     THROUGHPUT_ARGS=(${GPU_CHECK_THROUGHPUT_ARGS} --out "$RES")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,8 @@ def test_cpu_smoke_writes_json_markdown_png(smoke_run):
     ok = [r for r in data["records"] if r["status"] == "ok"]
     methods = {r["method"] for r in ok}
     assert {"ar", "diffusion-none", "diffusion-prefix", "diffusion-dual", "reference"} <= methods
+    assert data["repeats"] == 3 and "interleaved" in data["timing"]
+    (ar,) = [r for r in ok if r["method"] == "ar"]
     for r in ok:
         for key in (
             "tokens_per_s",
@@ -73,19 +76,34 @@ def test_cpu_smoke_writes_json_markdown_png(smoke_run):
             "ceiling_tokens_per_s",
             "fraction_of_ceiling",
             "weight_bytes_per_step",
+            "vs_ar",
         ):
             assert _positive_finite(r[key]), (r["method"], key, r[key])
-        # tokens/s and ms/step describe the same wall time
-        assert r["tokens_per_s"] == pytest.approx(r["batch"] * r["gen"] / r["wall_s"], rel=1e-9)
+        # every runner of the point was timed in each of the interleaved rounds
+        rounds = r["wall_s_rounds"]
+        assert len(rounds) == r["repeats"] == 3 and all(_positive_finite(t) for t in rounds)
+        for key in ("wall_s_stats", "tokens_per_s_stats", "vs_ar_stats"):
+            st = r[key]
+            assert st["min"] <= st["q1"] <= st["median"] <= st["q3"] <= st["max"], (key, st)
+        # tokens/s and ms/step describe the same wall times
+        assert r["wall_s"] == pytest.approx(statistics.median(rounds), rel=1e-12)
+        tps = statistics.median(r["batch"] * r["gen"] / t for t in rounds)
+        assert r["tokens_per_s"] == pytest.approx(tps, rel=1e-12)
         assert r["ms_per_step"] == pytest.approx(1e3 * r["wall_s"] / r["steps"], rel=1e-9)
         assert r["steps"] * r["tokens_per_step"] == r["gen"]
+        # the ratio vs AR is paired round by round
+        assert r["vs_ar_baseline"] == "ar"
+        paired = statistics.median(a / t for a, t in zip(ar["wall_s_rounds"], rounds))
+        assert r["vs_ar"] == pytest.approx(paired, rel=1e-12)
+    assert ar["vs_ar_stats"]["min"] == ar["vs_ar_stats"]["max"] == 1.0
     # the ceiling grows linearly with tokens per step and batch
     for r in ok:
         per = r["ceiling_tokens_per_s"] / (r["tokens_per_step"] * r["batch"])
         assert per == pytest.approx(r["ceiling_steps_per_s"], rel=1e-9)
-    assert any(t.get("vs_ar") and t.get("vs_reference") for t in data["targets"])
+    assert any(t.get("vs_ar_stats") and t.get("vs_reference_stats") for t in data["targets"])
     md = (out / "throughput_smoke_cpu.md").read_text()
     assert "| model |" in md and "diffusion-prefix" in md and "ceiling" in md
+    assert "| vs AR IQR |" in md and "3 interleaved rounds" in md
     pngs = sorted(out.glob("*.png"))
     try:
         import matplotlib  # noqa: F401
@@ -130,6 +148,74 @@ def test_reference_sampler_matches_generate(bench_modules):
         ours = generate(model, prompt, **kw)
     assert (ref[:, 7:] != 258).all()
     assert torch.equal(ref, ours)
+
+
+def test_time_interleaved_rotates_and_drops_failures(bench_modules):
+    """Round r runs every callable once in the order rotated by r; one that raises is left
+    out of the later rounds and reported, the others keep one time per round."""
+    bench_common, _ = bench_modules
+    calls: list[str] = []
+
+    def fn(name: str, fail_at: int = -1):
+        def run() -> None:
+            calls.append(name)
+            if calls.count(name) == fail_at:
+                raise RuntimeError(f"{name} broke")
+
+        return run
+
+    res = bench_common.time_interleaved(
+        {"a": fn("a"), "b": fn("b"), "c": fn("c", fail_at=3)}, torch.device("cpu"), 4, warmup=1
+    )
+    assert res.orders == [["a", "b", "c"], ["b", "c", "a"], ["a", "b"], ["b", "a"]]
+    # warm-up round (rotated by -1), then the timed rounds; c fails on its third call
+    assert "".join(calls) == "cab" + "abc" + "bca" + "ab" + "ba"
+    assert set(res.times) == {"a", "b"} and all(len(t) == 4 for t in res.times.values())
+    assert str(res.errors["c"]) == "c broke"
+    st = bench_common.spread_stats([4.0, 1.0, 3.0, 2.0])
+    assert (st["median"], st["q1"], st["q3"], st["min"], st["max"]) == (2.5, 1.75, 3.25, 1.0, 4.0)
+    assert bench_common.paired_speedups([2.0, 3.0], [1.0, 6.0]) == [2.0, 0.5]
+    with pytest.raises(ValueError):
+        bench_common.paired_speedups([1.0], [1.0, 2.0])
+
+
+def test_measure_point_pairs_runners_and_checks_graphs(tmp_path):
+    """A grid point measured in this process: the graphs runner's logic (static buffers,
+    recorded on its warm-up, compared with the eager sampler) runs on the CPU without
+    capture; a runner that fails is a record, not a crash; ratios are paired with ``ar``."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import throughput_measure as tm
+        import throughput_setup as ts
+    finally:
+        sys.path.remove(str(BENCH))
+    dev = torch.device("cpu")
+    ms = ts.build_models("tiny", ["ar", "diffusion-prefix"], dev, torch.float32, False)
+    prompt = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    runners, skipped = ts.point_runners(ms, ["ar", "diffusion-prefix"], prompt, 32, [4], 32, False)
+    assert [r.name for r in runners] == ["ar k=1", "diffusion-prefix k=4"] and not skipped
+    runners.append(
+        ts.diffusion_runner(ms.llada, "diffusion-prefix-graphs", prompt, 32, 4, 32, False)
+    )
+
+    def broken() -> None:
+        raise RuntimeError("no kernel")
+
+    runners.append(ts.Runner("diffusion-dual", 4, 8, broken, lambda: None))
+    base = {"model": "tiny", "batch": 2, "prompt": 8, "gen": 32, "dtype": "float32"}
+    recs = tm.measure_point(base, runners, dev, 3, ms.weight_bytes, 10.0)
+    assert [(r["method"], r["status"]) for r in recs] == [
+        ("ar", "ok"),
+        ("diffusion-prefix", "ok"),
+        ("diffusion-prefix-graphs", "ok"),
+        ("diffusion-dual", "error: RuntimeError: no kernel"),
+    ]
+    ar, eager, graphs = recs[:3]
+    assert graphs["matches_eager_sampler"] is True and "matches_eager_sampler" not in eager
+    for r in (eager, graphs):
+        assert r["vs_ar_baseline"] == "ar" and len(r["wall_s_rounds"]) == 3
+        ratios = [a / t for a, t in zip(ar["wall_s_rounds"], r["wall_s_rounds"])]
+        assert r["vs_ar_stats"]["min"] == pytest.approx(min(ratios), rel=1e-12)
 
 
 def test_bench_cli_forwards_to_throughput(capsys):
