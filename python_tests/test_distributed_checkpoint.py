@@ -218,6 +218,8 @@ def test_kill_during_a_distributed_save_keeps_the_previous_checkpoint(reference,
             p.communicate()
     names = sorted(p.name for p in ckpts.iterdir())
     assert names[1:] == ["step-00000002.dcp"] and names[0].startswith(".step-00000004.dcp.tmp-")
+    # the periodic save of step 2 stayed sharded: no rank gathered the full weights
+    assert not (out / "model.safetensors").exists()
     result = _run_here(out, 1, "auto", keep_last=1)
     _compare(result, ref, bitwise=False)
     # the temp folder is gone; keep_last=1 pruned the step-2 folder after the step-4 file

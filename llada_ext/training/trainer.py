@@ -520,7 +520,9 @@ class Trainer:
                         )
                         bar.update(1)
                     if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
-                        self.save_checkpoint()
+                        # FSDP2: the periodic saves stay sharded; the full weights are gathered
+                        # for <out>/model.safetensors only at the end (or with `export`)
+                        self.save_checkpoint(weights=not c.fsdp)
                     if all_reduce_max_flag(stop.requested, self.device):
                         result.interrupted = True
                         break
@@ -553,12 +555,14 @@ class Trainer:
         return result
 
     # ---------------------------------------------------------------------------------------
-    def save_checkpoint(self) -> Path | None:
-        """Write a checkpoint of the current step and the model weights.
+    def save_checkpoint(self, weights: bool = True) -> Path | None:
+        """Write a checkpoint of the current step and (``weights``) the model weights.
 
         Every rank must call this. Single process and DDP: rank 0 writes one file. FSDP2:
         every rank writes its shards into one ``.dcp`` folder (:mod:`.dcp`); the full weights
-        for ``<out>/model.safetensors`` are gathered collectively.
+        for ``<out>/model.safetensors`` are gathered collectively unless ``weights`` is False
+        (the periodic saves of an FSDP2 run: ``llada-ext export`` makes a model folder from
+        any checkpoint).
 
         Returns
         -------
@@ -581,10 +585,13 @@ class Trainer:
                 capture_rng_state(),
             )
             self.last_checkpoint = path
-            msd = full_model_state_dict(self.model, fsdp=True)
+            # gathering the full weights puts a copy of every parameter on rank 0 (32 GB for
+            # 8B in float32): only the final save writes <out>/model.safetensors
+            msd = full_model_state_dict(self.model, fsdp=True) if weights else None
             if self.info.is_main:
                 self.ckpt.prune()
-                self._save_pretrained(msd)
+                if msd is not None:
+                    self._save_pretrained(msd)
             barrier()
             return path
         msd, osd = full_state_dicts(self.model, self.optimizer, fsdp=False)
