@@ -35,7 +35,8 @@ from .losses import (
 from .prepare import prepare_shards
 from .schedule import make_wsd_scheduler, wsd_factor
 from .shards import ShardDataset
-from .trainer import TrainConfig, Trainer, TrainResult
+from .train_config import TrainConfig, TrainResult
+from .trainer import Trainer
 
 __all__ = [
     "EPS",
