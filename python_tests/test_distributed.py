@@ -86,21 +86,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def rank_env(rank: int, world: int, port: int, extra: dict | None = None) -> dict:
+    """The environment torchrun gives rank `rank` of `world` processes on this machine."""
+    env = dict(os.environ)
+    env.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+        **(extra or {}),
+    )
+    return env
+
+
 def _run_ranks(out: Path, *, fsdp: bool, backend: str, world: int = 2) -> list[dict]:
     port = _free_port()
     procs = []
     for rank in range(world):
-        env = dict(os.environ)
-        env.update(
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(world),
-            LOCAL_WORLD_SIZE=str(world),
-            OMP_NUM_THREADS="1",
-            PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
-        )
+        env = rank_env(rank, world, port)
         procs.append(
             subprocess.Popen(
                 [sys.executable, "-c", WORKER, str(out), "1" if fsdp else "0", backend],

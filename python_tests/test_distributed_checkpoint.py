@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from test_distributed import ROOT, _free_port
+from test_distributed import ROOT, _free_port, rank_env
 
 from llada_ext.cli import main
 from llada_ext.model import LLaDAConfig, LLaDAModel
@@ -86,18 +85,7 @@ def _launch(out: Path, world: int, *args: str, env: dict | None = None) -> list:
     out.mkdir(parents=True, exist_ok=True)
     procs = []
     for rank in range(world):
-        e = dict(os.environ)
-        e.update(
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(world),
-            LOCAL_WORLD_SIZE=str(world),
-            OMP_NUM_THREADS="1",
-            PYTHONPATH=str(ROOT) + os.pathsep + e.get("PYTHONPATH", ""),
-            **(env or {}),
-        )
+        e = rank_env(rank, world, port, env)
         procs.append(
             subprocess.Popen(
                 [sys.executable, "-c", WORKER, str(out), *args],
