@@ -93,8 +93,8 @@ MUTATIONS = [
         "store-past-end",
         "forward epilogue: one output row too many stored (out-of-bounds global write)",
         "csrc/cuda/attention_fwd_kernel.cuh",
-        "stage + wrow0 * kPitch, Sq - m0 - wrow0, D,",
-        "stage + wrow0 * kPitch, Sq - m0 - wrow0 + 1, D,",
+        "stage + wrow0 * kPitch, rows_total - m0 - wrow0, D,",
+        "stage + wrow0 * kPitch, rows_total - m0 - wrow0 + 1, D,",
         ATTN,
     ),
     Mutation(
