@@ -83,10 +83,10 @@ MUTATIONS = [
         "dq-scale",
         "backward: dQ accumulated with the log2-domain scale instead of the softmax scale",
         "csrc/cuda/attention_bwd_kernel.cuh",
-        "              atomicAdd(dst + col, acc[dt][2 * r] * scale);\n"
-        "              atomicAdd(dst + col + 1, acc[dt][2 * r + 1] * scale);",
-        "              atomicAdd(dst + col, acc[dt][2 * r] * scale_log2);\n"
-        "              atomicAdd(dst + col + 1, acc[dt][2 * r + 1] * scale_log2);",
+        "              const float v0 = acc[dt][2 * r] * scale;\n"
+        "              const float v1 = acc[dt][2 * r + 1] * scale;",
+        "              const float v0 = acc[dt][2 * r] * scale_log2;\n"
+        "              const float v1 = acc[dt][2 * r + 1] * scale_log2;",
         ATTN,
     ),
     Mutation(

@@ -302,14 +302,16 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kWarps * 32)
           for (int dt = 0; dt < 4; ++dt) {
             const int col = qd0 + dc + dt * 8 + 2 * t;  // D % 8 == 0: col < D => col + 1 < D
             if (col < D) {
+              const float v0 = acc[dt][2 * r] * scale;
+              const float v1 = acc[dt][2 * r + 1] * scale;
 #if defined(LLADA_EMU) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
               // sm_90: one 8-byte vector atomic per column pair, half the atomic instructions
-              // (col is even and D % 8 == 0, so the pair is 8-byte aligned in ws_dq)
-              atomicAdd(reinterpret_cast<float2*>(dst + col),
-                        make_float2(acc[dt][2 * r] * scale, acc[dt][2 * r + 1] * scale));
+              // (col is even and D % 8 == 0, so the pair is 8-byte aligned in ws_dq); the
+              // executor runs this variant
+              atomicAdd(reinterpret_cast<float2*>(dst + col), make_float2(v0, v1));
 #else
-              atomicAdd(dst + col, acc[dt][2 * r] * scale);
-              atomicAdd(dst + col + 1, acc[dt][2 * r + 1] * scale);
+              atomicAdd(dst + col, v0);
+              atomicAdd(dst + col + 1, v1);
 #endif
             }
           }
