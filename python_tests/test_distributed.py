@@ -103,6 +103,21 @@ def rank_env(rank: int, world: int, port: int, extra: dict | None = None) -> dic
     return env
 
 
+def wait_ranks(procs: list) -> None:
+    """Wait for every rank (240 s at most, then kill them all); each must exit 0."""
+    logs = []
+    for p in procs:
+        try:
+            log, _ = p.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("distributed ranks did not finish within 240 s")
+        logs.append(log.decode(errors="replace"))
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+
+
 def _run_ranks(out: Path, *, fsdp: bool, backend: str, world: int = 2) -> list[dict]:
     port = _free_port()
     procs = []
@@ -117,17 +132,7 @@ def _run_ranks(out: Path, *, fsdp: bool, backend: str, world: int = 2) -> list[d
                 cwd=str(ROOT),
             )
         )
-    logs = []
-    for p in procs:
-        try:
-            log, _ = p.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("distributed ranks did not finish within 240 s")
-        logs.append(log.decode(errors="replace"))
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+    wait_ranks(procs)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from test_distributed import ROOT, _free_port, rank_env
+from test_distributed import ROOT, _free_port, rank_env, wait_ranks
 
 from llada_ext.cli import main
 from llada_ext.model import LLaDAConfig, LLaDAModel
@@ -101,17 +101,7 @@ def _launch(out: Path, world: int, *args: str, env: dict | None = None) -> list:
 def _run(out: Path, world: int, grad_accum: int, resume: str = "-", keep_last: int = 0) -> dict:
     """Train (or resume) to step 4 with `world` processes; rank 0's result."""
     procs = _launch(out, world, str(grad_accum), resume, str(keep_last))
-    logs = []
-    for p in procs:
-        try:
-            log, _ = p.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("distributed ranks did not finish within 240 s")
-        logs.append(log.decode(errors="replace"))
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+    wait_ranks(procs)
     return torch.load(out / "result.pt", weights_only=True)
 
 
