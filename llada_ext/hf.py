@@ -139,9 +139,10 @@ def patch_hf_llada(model: nn.Module) -> nn.Module:
 
 def unpatch_hf_llada(model: nn.Module) -> nn.Module:
     """Undo :func:`patch_hf_llada` (a model that was never patched is returned unchanged)."""
-    if not is_hf_llada(model):
+    blocks = _blocks(model) if isinstance(model, nn.Module) else []
+    if not blocks:
         raise TypeError(f"model must be a Hugging Face LLaDA model, got {type(model).__name__}")
-    for block in _blocks(model):
+    for block in blocks:
         original = getattr(block, _ORIGINAL, None)
         if original is not None:
             del block._scaled_dot_product_attention  # the instance attribute: class method again
