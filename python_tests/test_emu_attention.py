@@ -125,6 +125,36 @@ def test_decode_shapes_split_keys(dtype, b, sq, sk, hq, hkv, d, splits) -> None:
     assert (out.float() - one_pass.float()).abs().max().item() <= tol
 
 
+def bwd_workspace(q, k) -> int:
+    return emu._load().attention_bwd_workspace_size(emu._view(q), emu._view(k))
+
+
+# (B, Sq, Sk, Hq, Hkv, D, step ranges the backward plan picks): small grids
+BWD_SPLIT = [
+    (1, 70, 150, 8, 2, 128, 6),  # GQA at a short length: 3 key tiles x 2 KV heads
+    (2, 33, 65, 4, 1, 64, 2),  # MQA
+    (1, 40, 100, 4, 2, 256, 2),  # the 256 bucket (shared P^T / dS^T)
+    (1, 19, 60, 2, 2, 64, 1),  # too few steps to split: dK, dV stored directly
+]
+
+
+@pytest.mark.parametrize("b,sq,sk,hq,hkv,d,splits", BWD_SPLIT)
+def test_backward_split_steps(b, sq, sk, hq, hkv, d, splits) -> None:
+    """A small grid cuts each key tile's (query head, query tile) steps into ranges over
+    separate CTAs, whose float32 partial dK/dV a reduce kernel adds in range order: against
+    the float64 reference, with a key mask; deterministic from run to run."""
+    q, k, v = inputs(b, sq, sk, hq, hkv, d, torch.bfloat16, seed=sk + d)
+    base = b * hq * sq * (d + 1)
+    partials = 2 * splits * b * hkv * sk * d if splits > 1 else 0
+    assert bwd_workspace(q, k) == 4 * ((base + 3) // 4 * 4 if partials else base) + 4 * partials
+    mask = random_mask(b, sk, seed=sq, p_keep=0.7, device="cpu")
+    _, _, got = emu_forward_backward(q, k, v, mask, d**-0.5)
+    out, lse = emu.attention_fwd(q, k, v, mask)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(q.dtype)
+    again = emu.attention_bwd(q, k, v, mask, out, dout, lse)
+    assert all(torch.equal(x, y) for x, y in zip(got, again))
+
+
 def test_split_keys_all_masked_row() -> None:
     """A batch row whose keys are all masked through every range: out 0 and lse -inf after
     the merge, and no NaN from the masked K/V rows."""

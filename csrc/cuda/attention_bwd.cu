@@ -1,12 +1,16 @@
-// Entry point of the CUDA attention backward. Three kernels on the caller's stream:
+// Entry point of the CUDA attention backward. Three or four kernels on the caller's stream:
 //   1. preprocess: Delta = rowsum(dO * O) per (batch, head, query) into the workspace, and
 //      zero the float32 dQ accumulator (so no separate memset is needed);
 //   2. the main kernel (attention_bwd_kernel.cuh): dK, dV written directly, dQ accumulated
 //      with float32 atomics into the workspace;
-//   3. convert: dQ accumulator -> q's dtype at dq's strides.
-// Workspace layout (float32): dQ accumulator [B, Hq, Sq, D], then Delta [B, Hq, Sq].
+//   3. convert: dQ accumulator -> q's dtype at dq's strides;
+//   4. with a split plan (attention_bwd_plan.cuh) only: reduce the float32 partial dK, dV of
+//      the step ranges, in range order, into dk and dv.
+// Workspace layout (float32): dQ accumulator [B, Hq, Sq, D], then Delta [B, Hq, Sq], then
+// (split plans only, from a 16-byte aligned offset) partials [splits][2][B][Hkv][Sk][D].
 #include <algorithm>
 
+#include "cuda/attention_bwd_plan.cuh"
 #include "cuda/attention_common.cuh"
 
 namespace llada {
@@ -74,13 +78,60 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
+// dk, dv = sum over the step ranges of the partials, one (batch, kv head, key) row per warp.
 template <typename T>
-llada_status bwd_for_dtype(const AttnBwdParams& p, float* ws_dq, float* ws_delta) {
+__global__ void __launch_bounds__(kRowThreads)
+    attention_bwd_reduce_dkv_kernel(const AttnBwdParams p, const float* __restrict__ ws_dkv,
+                                    int splits) {
+  const AttnFwdParams& f = p.fwd;
+  const int64_t rows = f.B * f.Hkv * f.Sk;
+  const int D = static_cast<int>(f.D);
+  const int lane = threadIdx.x % kWarpSize;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarpSize;
+       r < rows; r += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
+    const RowIndex ix = split_row(r, f.Sk, f.Hkv);  // (b, kv head, key)
+    T* dk = static_cast<T*>(p.dk) + ix.b * p.dk_st.b + ix.h * p.dk_st.h + ix.q * p.dk_st.s;
+    T* dv = static_cast<T*>(p.dv) + ix.b * p.dv_st.b + ix.h * p.dv_st.h + ix.q * p.dv_st.s;
+    for (int c = lane; c < D; c += kWarpSize) {
+      float sk = 0.f, sv = 0.f;
+      for (int s = 0; s < splits; ++s) {
+        const float* part = ws_dkv + 2 * s * rows * D + r * D + c;
+        sk += part[0];
+        sv += part[rows * D];
+      }
+      dk[c] = DType<T>::from_float(sk);
+      dv[c] = DType<T>::from_float(sv);
+    }
+  }
+}
+
+unsigned row_grid(int64_t rows) {
+  return static_cast<unsigned>(
+      std::min<int64_t>((rows + kRowsPerBlock - 1) / kRowsPerBlock, kMaxRowBlocks));
+}
+
+template <int kD>
+int bwd_splits(const AttnFwdParams& f) {
+  return attn::bwd_plan<kD>(f.B, f.Sq, f.Hq, f.Hkv, f.Sk).splits;
+}
+
+int bwd_splits_for(const AttnFwdParams& f) {
+  if (f.D <= 64) return bwd_splits<64>(f);
+  if (f.D <= 128) return bwd_splits<128>(f);
+  return bwd_splits<256>(f);
+}
+
+// Float32 offset of the partials: after dQ and Delta, rounded up to 16 bytes.
+int64_t partials_offset(int64_t B, int64_t Sq, int64_t Hq, int64_t D) {
+  return (B * Hq * Sq * (D + 1) + 3) / 4 * 4;
+}
+
+template <typename T>
+llada_status bwd_for_dtype(const AttnBwdParams& p, float* ws_dq, float* ws_delta, float* ws_dkv) {
   const AttnFwdParams& f = p.fwd;
   const int64_t rows = f.B * f.Hq * f.Sq;
   cudaStream_t stream = as_stream(f.stream);
-  const unsigned row_blocks = static_cast<unsigned>(
-      std::min<int64_t>((rows + kRowsPerBlock - 1) / kRowsPerBlock, kMaxRowBlocks));
+  const unsigned row_blocks = row_grid(rows);
   if (rows > 0) {
     launch_kernel("attention_bwd_preprocess_kernel", attention_bwd_preprocess_kernel<T>, row_blocks,
                   kRowThreads, 0, stream, p, ws_dq, ws_delta);
@@ -90,13 +141,20 @@ llada_status bwd_for_dtype(const AttnBwdParams& p, float* ws_dq, float* ws_delta
   if (f.Sk > 0) {  // with no keys there is no key tile; dq is zero and dk, dv are empty
     llada_status st;
     if (f.D <= 64) {
-      st = attn::run_attention_bwd<T, 64>(p, ws_dq, ws_delta);
+      st = attn::run_attention_bwd<T, 64>(p, ws_dq, ws_delta, ws_dkv);
     } else if (f.D <= 128) {
-      st = attn::run_attention_bwd<T, 128>(p, ws_dq, ws_delta);
+      st = attn::run_attention_bwd<T, 128>(p, ws_dq, ws_delta, ws_dkv);
     } else {
-      st = attn::run_attention_bwd<T, 256>(p, ws_dq, ws_delta);
+      st = attn::run_attention_bwd<T, 256>(p, ws_dq, ws_delta, ws_dkv);
     }
     if (st != LLADA_OK) return st;
+    if (ws_dkv != nullptr) {
+      const int64_t kv_rows = f.B * f.Hkv * f.Sk;
+      launch_kernel("attention_bwd_reduce_dkv_kernel", attention_bwd_reduce_dkv_kernel<T>,
+                    row_grid(kv_rows), kRowThreads, 0, stream, p, ws_dkv, bwd_splits_for(f));
+      st = check_launch("attention_bwd (dk/dv reduce)");
+      if (st != LLADA_OK) return st;
+    }
   }
   if (rows > 0) {
     launch_kernel("attention_bwd_convert_dq_kernel", attention_bwd_convert_dq_kernel<T>, row_blocks,
@@ -110,10 +168,13 @@ llada_status bwd_for_dtype(const AttnBwdParams& p, float* ws_dq, float* ws_delta
 
 size_t attention_bwd_workspace_size(int64_t B, int64_t Sq, int64_t Hq, int64_t Sk, int64_t Hkv,
                                     int64_t D) {
-  (void)Sk;
-  (void)Hkv;
   if (B <= 0 || Sq <= 0 || Hq <= 0 || D <= 0) return 0;
-  return static_cast<size_t>(B * Hq * Sq) * static_cast<size_t>(D + 1) * sizeof(float);
+  AttnFwdParams f{};
+  f.B = B, f.Sq = Sq, f.Hq = Hq, f.Sk = Sk, f.Hkv = Hkv, f.D = D;
+  const int splits = Hkv > 0 && D <= 256 ? bwd_splits_for(f) : 1;
+  if (splits <= 1) return static_cast<size_t>(B * Hq * Sq) * static_cast<size_t>(D + 1) * 4;
+  return static_cast<size_t>(partials_offset(B, Sq, Hq, D)) * sizeof(float) +
+         attn::bwd_partials_bytes(B, Hkv, Sk, D, splits);
 }
 
 llada_status attention_bwd(const AttnBwdParams& p) {
@@ -133,8 +194,11 @@ llada_status attention_bwd(const AttnBwdParams& p) {
   }
   float* ws_dq = static_cast<float*>(p.workspace);
   float* ws_delta = need > 0 ? ws_dq + f.B * f.Hq * f.Sq * f.D : nullptr;
-  if (f.dtype == LLADA_FLOAT16) return bwd_for_dtype<__half>(p, ws_dq, ws_delta);
-  return bwd_for_dtype<__nv_bfloat16>(p, ws_dq, ws_delta);
+  float* ws_dkv = need > 0 && f.Sk > 0 && bwd_splits_for(f) > 1
+                      ? ws_dq + partials_offset(f.B, f.Sq, f.Hq, f.D)
+                      : nullptr;
+  if (f.dtype == LLADA_FLOAT16) return bwd_for_dtype<__half>(p, ws_dq, ws_delta, ws_dkv);
+  return bwd_for_dtype<__nv_bfloat16>(p, ws_dq, ws_delta, ws_dkv);
 }
 
 }  // namespace cuda

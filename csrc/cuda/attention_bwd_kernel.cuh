@@ -1,14 +1,19 @@
 // Non-causal attention backward, flash-attention-2 style: the main kernel (included by the
 // per-head-dim instantiation files attention_bwd_hdim{64,128,256}.cu only).
 //
-// One CTA per (key tile of kBlockN keys, kv head, batch). It keeps its K and V tiles in
-// shared memory and dK, dV in registers, and walks over every (query head of its GQA group,
-// query tile of kBlockM rows) pair, so dK and dV need no atomics and K/V are never copied
-// per query head. Warp w owns the 16 keys (w % kKeyWarps) and, for dK/dV, the head-dim
-// slice (w / kKeyWarps) of width kD / kDSplit (kDSplit = 2 only for the 256 bucket, to keep
-// the accumulators within the register file; those warps compute S and dP redundantly).
-// Per query tile, with all products on tensor cores and the transposed layouts chosen so
-// that each warp's results are already the A operand of the next product:
+// One CTA per (key tile of kBlockN keys, step range, kv head, batch). It keeps its K and V
+// tiles in shared memory and dK, dV in registers, and walks over the (query head of its GQA
+// group, query tile of kBlockM rows) steps of its range, so dK and dV need no atomics and K/V
+// are never copied per query head. With one range (the usual plan) it stores dK and dV;
+// with several (small grids, attention_bwd_plan.cuh) it writes float32 partials for the
+// reduce kernel of attention_bwd.cu. Warp w owns the 16 keys (w % kKeyWarps) and, for dK/dV, the
+// head-dim slice (w / kKeyWarps) of width kD / kDSplit (kDSplit = 2 only for the 256 bucket, to
+// keep the accumulators within the register file). With kDSplit > 1 the warps of one key row share
+// S^T and dP^T instead of computing them twice: each computes the query columns (w / kKeyWarps) of
+// width kBlockM / kDSplit, writes P^T and dS^T to shared memory, and after a barrier every warp
+// reads all kBlockM columns back as A operands. Per query tile, with all products on tensor cores
+// and the transposed layouts chosen so that each warp's results are already the A operand of the
+// next product:
 //   S^T  = K_w Q^T                 P^T = exp2(S^T * scale * log2 e - lse * log2 e)
 //   dP^T = V_w dO^T                dS^T = P^T * (dP^T - Delta)     (Delta = rowsum(dO * O))
 //   dV  += P^T dO                  dK  += dS^T Q                   (scale applied at the end)
@@ -21,35 +26,20 @@
 
 #include <math.h>
 
+#include "cuda/attention_bwd_plan.cuh"
 #include "cuda/attention_common.cuh"
 
 namespace llada {
 namespace cuda {
 namespace attn {
 
-template <int kD>
-struct BwdConfig;
-// kBlockN keys per CTA (16 per key warp) x kBlockM queries per step. dK and dV take
-// 2 * kD / kDSplit * 16 / 32 float32 registers per thread (128), so the query step is kept
-// short for the wider head dims (smaller S^T / dP^T tiles next to them).
-template <>
-struct BwdConfig<64> {
-  static constexpr int kBlockM = 64, kBlockN = 64, kWarps = 4, kDSplit = 1;
-};
-template <>
-struct BwdConfig<128> {
-  static constexpr int kBlockM = 32, kBlockN = 64, kWarps = 4, kDSplit = 1;
-};
-template <>
-struct BwdConfig<256> {
-  static constexpr int kBlockM = 32, kBlockN = 64, kWarps = 8, kDSplit = 2;
-};
-
+// Q, dO, K, V tiles; dS^T (and P^T when the warps of a key row split the query columns);
+// lse and Delta.
 template <int kD>
 constexpr size_t bwd_smem_bytes() {
   using C = BwdConfig<kD>;
   return static_cast<size_t>(2 * C::kBlockM + 2 * C::kBlockN) * Pitch<kD>::kValue * 2 +
-         static_cast<size_t>(C::kBlockN) * (C::kBlockM + 8) * 2 +
+         static_cast<size_t>(C::kDSplit > 1 ? 2 : 1) * C::kBlockN * (C::kBlockM + 8) * 2 +
          static_cast<size_t>(2 * C::kBlockM) * sizeof(float);
 }
 
@@ -57,7 +47,8 @@ constexpr size_t bwd_smem_bytes() {
 template <typename T, int kD>
 __global__ void __launch_bounds__(BwdConfig<kD>::kWarps * 32)
     attention_bwd_kernel(const AttnBwdParams p, float* __restrict__ ws_dq,
-                         const float* __restrict__ ws_delta, int flags) {
+                         const float* __restrict__ ws_delta, float* __restrict__ ws_dkv, BwdPlan pl,
+                         int flags) {
   using C = BwdConfig<kD>;
   constexpr int kBlockM = C::kBlockM;
   constexpr int kBlockN = C::kBlockN;
@@ -66,7 +57,9 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kWarps * 32)
   constexpr int kKeyWarps = kWarps / C::kDSplit;
   constexpr int kDW = kD / C::kDSplit;  // dK/dV head-dim slice of one warp
   constexpr int kDWT = kDW / 8;
-  constexpr int kMNT = kBlockM / 8;  // n-tiles of S^T (queries)
+  constexpr int kMNT = kBlockM / 8;         // n-tiles of S^T (queries)
+  constexpr bool kShareP = C::kDSplit > 1;  // P^T, dS^T computed once, shared via smem
+  constexpr int kMNTW = kMNT / C::kDSplit;  // n-tiles of S^T this warp computes
   constexpr int kPitch = Pitch<kD>::kValue;
   constexpr int kSPitch = kBlockM + 8;  // dS^T rows (keys) of kBlockM queries, padded
   // dQ product: warp -> (16-query m-tile, head-dim slice of kQD columns)
@@ -79,16 +72,18 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kWarps * 32)
   constexpr int kSUnroll = kD >= 256 ? 2 : kD / 16;
   static_assert(kBlockN == 16 * kKeyWarps, "each key warp owns 16 keys");
   static_assert(kDWT % 2 == 0 && kQD % 32 == 0 && kQSplit * kQMT == kWarps, "bad bwd config");
+  static_assert(kMNTW % 2 == 0 && kMNTW * C::kDSplit == kMNT, "query columns split by 16s");
 
   const AttnFwdParams& f = p.fwd;
   LLADA_DYNAMIC_SHARED(__align__(16) unsigned char, smem_raw);
-  T* sQ = reinterpret_cast<T*>(smem_raw);                           // [kBlockM][kPitch]
-  T* sdO = sQ + kBlockM * kPitch;                                   // [kBlockM][kPitch]
-  T* sK = sdO + kBlockM * kPitch;                                   // [kBlockN][kPitch]
-  T* sV = sK + kBlockN * kPitch;                                    // [kBlockN][kPitch]
-  T* sdS = sV + kBlockN * kPitch;                                   // [kBlockN][kSPitch]: dS^T
-  float* sLse = reinterpret_cast<float*>(sdS + kBlockN * kSPitch);  // [kBlockM], log2 domain
-  float* sDelta = sLse + kBlockM;                                   // [kBlockM]
+  T* sQ = reinterpret_cast<T*>(smem_raw);  // [kBlockM][kPitch]
+  T* sdO = sQ + kBlockM * kPitch;          // [kBlockM][kPitch]
+  T* sK = sdO + kBlockM * kPitch;          // [kBlockN][kPitch]
+  T* sV = sK + kBlockN * kPitch;           // [kBlockN][kPitch]
+  T* sdS = sV + kBlockN * kPitch;          // [kBlockN][kSPitch]: dS^T
+  T* sP = sdS + kBlockN * kSPitch;         // [kBlockN][kSPitch]: P^T (kShareP only)
+  float* sLse = reinterpret_cast<float*>(sP + (kShareP ? kBlockN * kSPitch : 0));  // log2
+  float* sDelta = sLse + kBlockM;                                                  // [kBlockM]
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;
@@ -97,13 +92,16 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kWarps * 32)
   const int t = lane % 4;
   const int kw = warp % kKeyWarps;  // key rows kw*16 .. kw*16+15 of the tile
   const int dg = warp / kKeyWarps;  // dK/dV columns dg*kDW .. dg*kDW+kDW-1
+  const int qc0 = dg * kMNTW * 8;   // first query column of this warp's S^T / dP^T
 
   const int Sq = static_cast<int>(f.Sq);
   const int Sk = static_cast<int>(f.Sk);
   const int D = static_cast<int>(f.D);
   const int Hq = static_cast<int>(f.Hq);
   const int group = static_cast<int>(f.Hq / f.Hkv);
-  const int n0 = blockIdx.x * kBlockN;
+  const int n_tile = blockIdx.x / pl.splits;
+  const int split = blockIdx.x - n_tile * pl.splits;
+  const int n0 = n_tile * kBlockN;
   const int hk = blockIdx.y;
   const int b = blockIdx.z;
   const bool vec_in = flags & 1;
@@ -131,7 +129,9 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kWarps * 32)
   }
 
   const int n_mblocks = (Sq + kBlockM - 1) / kBlockM;
-  const int total = group * n_mblocks;  // (query head, query tile) steps of this CTA
+  // this CTA's (query head, query tile) steps [it0, it_end) of group * n_mblocks
+  const int it0 = split * pl.steps_per_split;
+  const int it_end = min(group * n_mblocks, it0 + pl.steps_per_split);
 
   // Loads Q, dO, lse and Delta of step `it` (Q/dO asynchronously when vec_in).
   auto load_step = [&](int it) {
@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kWarps * 32)
     }
   };
 
-  if (total > 0) load_step(0);
+  if (it0 < it_end) load_step(it0);
   cp_async_commit();
 
   float dk[kDWT][4];
@@ -169,17 +169,17 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kWarps * 32)
     for (int e = 0; e < 4; ++e) dk[dt][e] = dv[dt][e] = 0.f;
   }
 
-  for (int it = 0; it < total; ++it) {
+  for (int it = it0; it < it_end; ++it) {
     const int h = hk * group + it / n_mblocks;
     const int m0 = (it % n_mblocks) * kBlockM;
     cp_async_wait<0>();
     __syncthreads();  // Q, dO, lse, Delta of this step (and K, V) visible to all warps
 
     // ---- S^T = K_w Q^T and dP^T = V_w dO^T (16 keys x kBlockM queries per warp) ----
-    float st[kMNT][4];
-    float dpt[kMNT][4];
+    float st[kMNTW][4];
+    float dpt[kMNTW][4];
 #pragma unroll
-    for (int nt = 0; nt < kMNT; ++nt) {
+    for (int nt = 0; nt < kMNTW; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.f;
     }
@@ -190,11 +190,11 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kWarps * 32)
       ldmatrix_x4(ak, smem_addr(sK + a_off));
       ldmatrix_x4(av, smem_addr(sV + a_off));
 #pragma unroll
-      for (int nt2 = 0; nt2 < kBlockM / 16; ++nt2) {
+      for (int nt2 = 0; nt2 < kMNTW / 2; ++nt2) {
         // B = Q^T / dO^T (k = head dim, n = query), non-transposed rows of Q / dO.
         uint32_t bq[4], bo[4];
-        const int b_off =
-            (nt2 * 16 + (lane % 8) + (lane / 16) * 8) * kPitch + kk * 16 + ((lane / 8) % 2) * 8;
+        const int b_off = (qc0 + nt2 * 16 + (lane % 8) + (lane / 16) * 8) * kPitch + kk * 16 +
+                          ((lane / 8) % 2) * 8;
         ldmatrix_x4(bq, smem_addr(sQ + b_off));
         ldmatrix_x4(bo, smem_addr(sdO + b_off));
         mma_16816<T>(st[2 * nt2], ak, bq[0], bq[1]);
@@ -204,30 +204,58 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kWarps * 32)
       }
     }
 
-    // ---- P^T and dS^T, in place (element e: key row g + 8*(e/2), query nt*8 + 2t + e%2) ----
+    // ---- P^T and dS^T, in place (element e: key row g + 8*(e/2), query qc0 + nt*8 + 2t +
+    // e%2) ----
 #pragma unroll
-    for (int nt = 0; nt < kMNT; ++nt) {
+    for (int nt = 0; nt < kMNTW; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int qi = nt * 8 + 2 * t + (e & 1);
+        const int qi = qc0 + nt * 8 + 2 * t + (e & 1);
         const float pv = key_ok[e >> 1] ? exp2f(st[nt][e] * scale_log2 - sLse[qi]) : 0.f;
         st[nt][e] = pv;
         dpt[nt][e] = pv * (dpt[nt][e] - sDelta[qi]);
       }
     }
 
+    // dS^T (and P^T when shared) to shared memory; dS^T feeds the dQ product. Without
+    // sharing it is stored after the dK/dV product, which keeps d128 clear of spills.
+    auto store_tiles = [&]() {
+#pragma unroll
+      for (int nt = 0; nt < kMNTW; ++nt) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int off = (kw * 16 + g + 8 * r) * kSPitch + qc0 + nt * 8 + 2 * t;
+          *reinterpret_cast<uint32_t*>(sdS + off) = pack2<T>(dpt[nt][2 * r], dpt[nt][2 * r + 1]);
+          if constexpr (kShareP) {
+            *reinterpret_cast<uint32_t*>(sP + off) = pack2<T>(st[nt][2 * r], st[nt][2 * r + 1]);
+          }
+        }
+      }
+    };
+    if constexpr (kShareP) {
+      store_tiles();
+      __syncthreads();  // P^T, dS^T of every query column are in
+    }
+
     // ---- dV += P^T dO and dK += dS^T Q over this warp's head-dim slice ----
 #pragma unroll
     for (int kk = 0; kk < kBlockM / 16; ++kk) {
       uint32_t ap[4], ads[4];  // A operands over queries kk*16 .. +15 (n-tiles 2kk, 2kk+1)
-      ap[0] = pack2<T>(st[2 * kk][0], st[2 * kk][1]);
-      ap[1] = pack2<T>(st[2 * kk][2], st[2 * kk][3]);
-      ap[2] = pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]);
-      ap[3] = pack2<T>(st[2 * kk + 1][2], st[2 * kk + 1][3]);
-      ads[0] = pack2<T>(dpt[2 * kk][0], dpt[2 * kk][1]);
-      ads[1] = pack2<T>(dpt[2 * kk][2], dpt[2 * kk][3]);
-      ads[2] = pack2<T>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
-      ads[3] = pack2<T>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+      if constexpr (kShareP) {
+        // rows = this warp's 16 keys, columns = queries, as the A loads of sK above
+        const int a_off = (kw * 16 + (lane % 16)) * kSPitch + kk * 16 + (lane / 16) * 8;
+        ldmatrix_x4(ap, smem_addr(sP + a_off));
+        ldmatrix_x4(ads, smem_addr(sdS + a_off));
+      } else {
+        ap[0] = pack2<T>(st[2 * kk][0], st[2 * kk][1]);
+        ap[1] = pack2<T>(st[2 * kk][2], st[2 * kk][3]);
+        ap[2] = pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+        ap[3] = pack2<T>(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+        ads[0] = pack2<T>(dpt[2 * kk][0], dpt[2 * kk][1]);
+        ads[1] = pack2<T>(dpt[2 * kk][2], dpt[2 * kk][3]);
+        ads[2] = pack2<T>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
+        ads[3] = pack2<T>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int dt2 = 0; dt2 < kDWT / 2; ++dt2) {
         // B = dO / Q (k = query, n = head dim) from their rows with .trans: matrices
@@ -244,20 +272,10 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kWarps * 32)
       }
     }
 
-    // ---- dS^T to shared memory for the dQ product (one copy: head-dim slice 0 writes) ----
-    if (dg == 0) {
-#pragma unroll
-      for (int nt = 0; nt < kMNT; ++nt) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          *reinterpret_cast<uint32_t*>(sdS + (kw * 16 + g + 8 * r) * kSPitch + nt * 8 + 2 * t) =
-              pack2<T>(dpt[nt][2 * r], dpt[nt][2 * r + 1]);
-        }
-      }
-    }
+    if constexpr (!kShareP) store_tiles();  // kDSplit == 1: every warp holds all columns
     __syncthreads();  // dS^T complete; every read of sQ, sdO, sLse, sDelta is done
 
-    if (it + 1 < total) load_step(it + 1);  // overlaps with the dQ product below
+    if (it + 1 < it_end) load_step(it + 1);  // overlaps with the dQ product below
     cp_async_commit();
 
     // ---- dQ[m0 .., :] += scale * dS K: warp -> 16 queries x kQD head-dim columns ----
@@ -321,8 +339,28 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kWarps * 32)
     // The next iteration's barrier keeps sdS alive until every warp has read it.
   }
 
-  // ---- epilogue: stage dK * scale and dV through sK / sV, then 16-byte stores ----
   cp_async_wait<0>();
+  if (pl.splits > 1) {
+    // ---- partial dK * scale and dV of this step range, float32 [split][2][B][Hkv][Sk][D] ----
+    const int64_t plane = static_cast<int64_t>(f.B) * f.Hkv * Sk * D;
+    float* part = ws_dkv + 2 * split * plane + ((static_cast<int64_t>(b) * f.Hkv + hk) * Sk) * D;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int key = n0 + kw * 16 + g + 8 * r;
+      if (key >= Sk) continue;
+#pragma unroll
+      for (int dt = 0; dt < kDWT; ++dt) {
+        const int col = dg * kDW + dt * 8 + 2 * t;  // D % 8 == 0: col < D => col + 1 < D
+        if (col >= D) continue;
+        float* dst = part + static_cast<int64_t>(key) * D + col;
+        *reinterpret_cast<float2*>(dst) =
+            make_float2(dk[dt][2 * r] * scale, dk[dt][2 * r + 1] * scale);
+        *reinterpret_cast<float2*>(dst + plane) = make_float2(dv[dt][2 * r], dv[dt][2 * r + 1]);
+      }
+    }
+    return;
+  }
+  // ---- epilogue: stage dK * scale and dV through sK / sV, then 16-byte stores ----
   __syncthreads();  // every warp is done with sK (dQ product) and sV
 #pragma unroll
   for (int dt = 0; dt < kDWT; ++dt) {
@@ -342,7 +380,8 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kWarps * 32)
 }
 
 template <typename T, int kD>
-llada_status run_attention_bwd(const AttnBwdParams& p, float* ws_dq, float* ws_delta) {
+llada_status run_attention_bwd(const AttnBwdParams& p, float* ws_dq, float* ws_delta,
+                               float* ws_dkv) {
   using C = BwdConfig<kD>;
   const AttnFwdParams& f = p.fwd;
   constexpr size_t smem = bwd_smem_bytes<kD>();
@@ -359,10 +398,15 @@ llada_status run_attention_bwd(const AttnBwdParams& p, float* ws_dq, float* ws_d
                          ? 1
                          : 0) |
                     (rows_aligned16(p.dk, p.dk_st) && rows_aligned16(p.dv, p.dv_st) ? 2 : 0);
-  const dim3 grid(static_cast<unsigned>((f.Sk + C::kBlockN - 1) / C::kBlockN),
+  const BwdPlan pl = bwd_plan<kD>(f.B, f.Sq, f.Hq, f.Hkv, f.Sk);
+  if (pl.splits > 1 && ws_dkv == nullptr) {
+    return set_error(LLADA_ERROR_INTERNAL,
+                     "attention_bwd: split plan without a partials workspace");
+  }
+  const dim3 grid(static_cast<unsigned>((f.Sk + C::kBlockN - 1) / C::kBlockN * pl.splits),
                   static_cast<unsigned>(f.Hkv), static_cast<unsigned>(f.B));
   launch_kernel("attention_bwd_kernel", kernel, grid, C::kWarps * 32, smem, as_stream(f.stream), p,
-                ws_dq, ws_delta, flags);
+                ws_dq, ws_delta, ws_dkv, pl, flags);
   return check_launch("attention_bwd");
 }
 

@@ -309,13 +309,16 @@ inline llada_status check_attention_shapes(const AttnFwdParams& p, const char* w
 template <typename T, int kD>
 llada_status run_attention_fwd(const AttnFwdParams& p);
 
-// ws_dq: float32 [B, Hq, Sq, D] scratch for dQ; ws_delta: float32 [B, Hq, Sq].
+// ws_dq: float32 [B, Hq, Sq, D] scratch for dQ; ws_delta: float32 [B, Hq, Sq]; ws_dkv: the
+// float32 partial dK/dV of a split plan (attention_bwd_plan.cuh), null when it does not split.
 template <typename T, int kD>
-llada_status run_attention_bwd(const AttnBwdParams& p, float* ws_dq, float* ws_delta);
+llada_status run_attention_bwd(const AttnBwdParams& p, float* ws_dq, float* ws_delta,
+                               float* ws_dkv);
 
-#define LLADA_ATTN_DECLARE(T, D)                                              \
-  extern template llada_status run_attention_fwd<T, D>(const AttnFwdParams&); \
-  extern template llada_status run_attention_bwd<T, D>(const AttnBwdParams&, float*, float*);
+#define LLADA_ATTN_DECLARE(T, D)                                                             \
+  extern template llada_status run_attention_fwd<T, D>(const AttnFwdParams&);                \
+  extern template llada_status run_attention_bwd<T, D>(const AttnBwdParams&, float*, float*, \
+                                                       float*);
 LLADA_ATTN_DECLARE(__half, 64)
 LLADA_ATTN_DECLARE(__half, 128)
 LLADA_ATTN_DECLARE(__half, 256)
