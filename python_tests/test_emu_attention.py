@@ -99,7 +99,7 @@ def fwd_workspace(q, k) -> int:
 
 # (B, Sq, Sk, Hq, Hkv, D, key splits the plan picks): decode-shaped calls
 DECODE = [
-    (1, 32, 700, 4, 4, 128, 11),  # a sampler block against a long cache, MHA
+    (1, 32, 700, 4, 4, 128, 4),  # a sampler block against a long cache, MHA: short tile
     (1, 5, 900, 8, 2, 64, 5),  # GQA: the 4 query heads of a KV head packed into one tile
     (2, 1, 333, 6, 1, 256, 4),  # MQA, one query, the 256 bucket
 ]

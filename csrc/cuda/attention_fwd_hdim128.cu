@@ -1,5 +1,6 @@
-// Forward attention kernels for the head-dim bucket 128 (float16 and bfloat16). One bucket per
-// file so the instantiations compile in parallel.
+// Forward attention kernels (the 128-row query tile, and the split-KV combine) for the
+// head-dim bucket 128 (float16 and bfloat16). One bucket per file so the
+// instantiations compile in parallel.
 #include "cuda/attention_fwd_kernel.cuh"
 
 namespace llada {
@@ -8,6 +9,10 @@ namespace attn {
 
 template llada_status run_attention_fwd<__half, 128>(const AttnFwdParams&);
 template llada_status run_attention_fwd<__nv_bfloat16, 128>(const AttnFwdParams&);
+template llada_status launch_attention_fwd<__half, 128, false>(const AttnFwdParams&,
+                                                               const FwdPlan&);
+template llada_status launch_attention_fwd<__nv_bfloat16, 128, false>(const AttnFwdParams&,
+                                                                      const FwdPlan&);
 
 }  // namespace attn
 }  // namespace cuda

@@ -27,17 +27,17 @@ namespace llada {
 namespace cuda {
 namespace attn {
 
-template <int kD>
+template <int kD, bool kShort = false>
 constexpr size_t fwd_smem_bytes() {
-  using C = FwdConfig<kD>;
+  using C = FwdConfig<kD, kShort>;
   return static_cast<size_t>(C::kBlockM + 4 * C::kBlockN) * Pitch<kD>::kValue * 2;
 }
 
 // flags bit 0: q, k, v rows are 16-byte aligned; bit 1: out rows are.
-template <typename T, int kD>
-__global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32)
+template <typename T, int kD, bool kShort>
+__global__ void __launch_bounds__(FwdConfig<kD, kShort>::kWarps * 32)
     attention_fwd_kernel(const AttnFwdParams p, int flags, FwdPlan pl) {
-  using C = FwdConfig<kD>;
+  using C = FwdConfig<kD, kShort>;
   constexpr int kBlockM = C::kBlockM;
   constexpr int kBlockN = C::kBlockN;
   constexpr int kThreads = C::kWarps * 32;
@@ -350,11 +350,14 @@ __global__ void __launch_bounds__(128)
   }
 }
 
-template <typename T, int kD>
-llada_status run_attention_fwd(const AttnFwdParams& p) {
-  using C = FwdConfig<kD>;
-  constexpr size_t smem = fwd_smem_bytes<kD>();
-  auto kernel = attention_fwd_kernel<T, kD>;
+// Launches the main kernel of one tile configuration (explicitly instantiated per file:
+// attention_fwd_hdim{64,128,256}.cu the 128-row tile, attention_fwd_hdim{64,128}_short.cu
+// the short one).
+template <typename T, int kD, bool kShort>
+llada_status launch_attention_fwd(const AttnFwdParams& p, const FwdPlan& pl) {
+  using C = FwdConfig<kD, kShort>;
+  constexpr size_t smem = fwd_smem_bytes<kD, kShort>();
+  auto kernel = attention_fwd_kernel<T, kD, kShort>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(smem));
   if (e != cudaSuccess) {
@@ -367,22 +370,44 @@ llada_status run_attention_fwd(const AttnFwdParams& p) {
            ? 1
            : 0) |
       (rows_aligned16(p.out, p.out_st) ? 2 : 0);
+  const dim3 grid(static_cast<unsigned>(pl.m_tiles * pl.splits),
+                  static_cast<unsigned>(p.Hq / pl.group), static_cast<unsigned>(p.B));
+  launch_kernel("attention_fwd_kernel", kernel, grid, C::kWarps * 32, smem, as_stream(p.stream), p,
+                flags, pl);
+  return LLADA_OK;
+}
+
+#define LLADA_FWD_SHORT_DECLARE(T, D)                                                 \
+  extern template llada_status launch_attention_fwd<T, D, true>(const AttnFwdParams&, \
+                                                                const FwdPlan&);
+LLADA_FWD_SHORT_DECLARE(__half, 64)
+LLADA_FWD_SHORT_DECLARE(__half, 128)
+LLADA_FWD_SHORT_DECLARE(__nv_bfloat16, 64)
+LLADA_FWD_SHORT_DECLARE(__nv_bfloat16, 128)
+#undef LLADA_FWD_SHORT_DECLARE
+
+template <typename T, int kD>
+llada_status run_attention_fwd(const AttnFwdParams& p) {
   const FwdPlan pl = fwd_plan<kD>(p.B, p.Sq, p.Hq, p.Hkv, p.Sk, p.workspace != nullptr);
   if (pl.splits > 1 && p.workspace_bytes < fwd_workspace_bytes<kD>(p.B, p.Sq, p.Hq, pl.splits)) {
     return set_error(LLADA_ERROR_INSUFFICIENT_WORKSPACE,
                      "attention_fwd: workspace of %zu bytes, %zu needed", p.workspace_bytes,
                      fwd_workspace_bytes<kD>(p.B, p.Sq, p.Hq, pl.splits));
   }
-  const dim3 grid(static_cast<unsigned>(pl.m_tiles * pl.splits),
-                  static_cast<unsigned>(p.Hq / pl.group), static_cast<unsigned>(p.B));
-  cudaStream_t stream = as_stream(p.stream);
-  launch_kernel("attention_fwd_kernel", kernel, grid, C::kWarps * 32, smem, stream, p, flags, pl);
+  llada_status st = LLADA_OK;
+  if constexpr (kHasShortTile<kD>) {
+    st = pl.short_tile ? launch_attention_fwd<T, kD, true>(p, pl)
+                       : launch_attention_fwd<T, kD, false>(p, pl);
+  } else {
+    st = launch_attention_fwd<T, kD, false>(p, pl);
+  }
+  if (st != LLADA_OK) return st;
   if (pl.splits > 1) {
     const int64_t warps = p.B * p.Hq * p.Sq;  // one per row
     const int64_t blocks = (warps + 3) / 4;
     launch_kernel("attention_fwd_combine_kernel", attention_fwd_combine_kernel<T, kD>,
                   dim3(static_cast<unsigned>(blocks < kMaxGridX ? blocks : kMaxGridX)), 128, 0,
-                  stream, p, pl.splits);
+                  as_stream(p.stream), p, pl.splits);
   }
   return check_launch("attention_fwd");
 }

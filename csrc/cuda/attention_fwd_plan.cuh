@@ -1,14 +1,17 @@
 // Tile configuration of the attention forward and the plan of a call: how the grid covers
 // queries and keys. Shared by the kernel header and the host-side workspace query.
 //
-// Two shape-driven choices make decode-shaped calls (few query rows against a long cached
+// Three shape-driven choices make decode-shaped calls (few query rows against a long cached
 // K/V, as in diffusion sampling) fill the GPU:
 //   - GQA packing: the query heads of one KV head are stacked along the tile's M dimension
 //     (row = head-in-group * Sq + query), so the grid covers KV heads and each K/V tile is read
 //     once per KV head instead of once per query head;
 //   - split-KV (flash-decoding): when the grid would be small, each row's keys are cut into
 //     `splits` ranges of whole key tiles handled by separate CTAs, which write unnormalised
-//     partial (max, sum, O) rows to a workspace; a combine kernel merges them exactly.
+//     partial (max, sum, O) rows to a workspace; a combine kernel merges them exactly;
+//   - the short tile: a head (or packed group) of at most 64 query rows, such as a sampler
+//     block of 32, takes a 64-row tile in which every warp owns one 16-row m-tile, instead of
+//     the 128-row tile in which only the first warp of four would compute.
 // The plan depends on the shapes only (not on the device), so the same call always takes the
 // same path, and it needs no host synchronisation or allocation (the workspace comes from
 // llada_attention_fwd_workspace_size).
@@ -21,7 +24,7 @@ namespace llada {
 namespace cuda {
 namespace attn {
 
-template <int kD>
+template <int kD, bool kShort = false>
 struct FwdConfig;
 // kBlockM query rows x kBlockN keys, kWarps warps (each owns kBlockM / kWarps rows, i.e.
 // kMT = 2 m-tiles, so every K/V fragment read from shared memory feeds two mma). The key
@@ -29,19 +32,32 @@ struct FwdConfig;
 // benchmarks/results/ptxas-sm80-sm90.md: 64 -> about 240 registers, no spill; 128 -> 255 with
 // a 4-8 byte spill since the split/packing coordinates were added; 256 -> no spill).
 template <>
-struct FwdConfig<64> {
+struct FwdConfig<64, false> {
   static constexpr int kBlockM = 128, kBlockN = 64, kWarps = 4;  // 54 KiB shared memory
 };
 template <>
-struct FwdConfig<128> {
+struct FwdConfig<128, false> {
   static constexpr int kBlockM = 128, kBlockN = 32, kWarps = 4;  // 68 KiB
 };
 // 256: one m-tile per warp keeps 128 float32 O accumulators per thread; 99 KiB also fits
 // an A100's shared memory.
 template <>
-struct FwdConfig<256> {
+struct FwdConfig<256, false> {
   static constexpr int kBlockM = 64, kBlockN = 32, kWarps = 4;
 };
+// The short tile (64 and 128 only; the 256 tile already has 64 rows): one m-tile per warp
+// halves the O accumulators, which leaves room for 64-key tiles (fewer barriers per key).
+template <>
+struct FwdConfig<64, true> {
+  static constexpr int kBlockM = 64, kBlockN = 64, kWarps = 4;  // 45 KiB
+};
+template <>
+struct FwdConfig<128, true> {
+  static constexpr int kBlockM = 64, kBlockN = 64, kWarps = 4;  // 85 KiB
+};
+template <int kD>
+constexpr bool kHasShortTile = kD <= 128;
+constexpr int64_t kFwdShortRows = 64;  // rows per head or packed group that take it
 
 // Split the keys while the grid has fewer CTAs than this (about two waves of a 132-SM GPU;
 // a fixed number so that the plan never depends on the device), giving every split at least
@@ -55,15 +71,20 @@ struct FwdPlan {
   int splits;           // key ranges per row (1: single pass, no workspace)
   int tiles_per_split;  // key tiles per range
   int64_t m_tiles;      // query tiles per (packed) head
+  bool short_tile;      // FwdConfig<kD, true>
 };
 
-// The plan for these shapes; `can_split` is false when the caller gave no workspace.
-template <int kD>
-FwdPlan fwd_plan(int64_t B, int64_t Sq, int64_t Hq, int64_t Hkv, int64_t Sk, bool can_split) {
-  using C = FwdConfig<kD>;
-  FwdPlan pl;
+inline int fwd_packed_group(int64_t Sq, int64_t Hq, int64_t Hkv) {
   const int64_t group = Hkv > 0 ? Hq / Hkv : 1;
-  pl.group = group > 1 && group * Sq <= INT32_MAX ? static_cast<int>(group) : 1;
+  return group > 1 && group * Sq <= INT32_MAX ? static_cast<int>(group) : 1;
+}
+
+template <int kD, bool kShort>
+FwdPlan fwd_plan_for(int64_t B, int64_t Sq, int64_t Hq, int64_t Hkv, int64_t Sk, bool can_split) {
+  using C = FwdConfig<kD, kShort>;
+  FwdPlan pl;
+  pl.short_tile = kShort;
+  pl.group = fwd_packed_group(Sq, Hq, Hkv);
   pl.m_tiles = (pl.group * Sq + C::kBlockM - 1) / C::kBlockM;
   const int64_t n_tiles = (Sk + C::kBlockN - 1) / C::kBlockN;
   const int64_t ctas = pl.m_tiles * (Hq / pl.group) * B;
@@ -79,6 +100,17 @@ FwdPlan fwd_plan(int64_t B, int64_t Sq, int64_t Hq, int64_t Hkv, int64_t Sk, boo
   pl.splits = static_cast<int>(splits);
   pl.tiles_per_split = static_cast<int>(per > 0 ? per : 1);
   return pl;
+}
+
+// The plan for these shapes; `can_split` is false when the caller gave no workspace.
+template <int kD>
+FwdPlan fwd_plan(int64_t B, int64_t Sq, int64_t Hq, int64_t Hkv, int64_t Sk, bool can_split) {
+  if constexpr (kHasShortTile<kD>) {
+    if (fwd_packed_group(Sq, Hq, Hkv) * Sq <= kFwdShortRows) {
+      return fwd_plan_for<kD, true>(B, Sq, Hq, Hkv, Sk, can_split);
+    }
+  }
+  return fwd_plan_for<kD, false>(B, Sq, Hq, Hkv, Sk, can_split);
 }
 
 // Workspace of a split plan: per (b, head, query, split) kD float32 partial outputs, then
