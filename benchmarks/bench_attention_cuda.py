@@ -20,47 +20,38 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import re
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import cuda_time_ms, git_commit  # noqa: E402
+from bench_tables import markdown_lines, write_result_files  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
+Attn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+TABLE_HEADERS = [
+    "seq",
+    "batch",
+    "impl",
+    "fwd ms",
+    "fwd TFLOP/s",
+    "fwd % peak",
+    "bwd ms",
+    "bwd TFLOP/s",
+    "bwd % peak",
+]
+TABLE_ALIGN = "rrlrrrrrr"
 
-def cuda_time_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
-    """Median wall time of ``fn`` in milliseconds, measured with CUDA events.
-
-    Parameters
-    ----------
-    fn : callable
-        The work to time; it must only enqueue work on the current stream.
-    warmup, iters : int
-        Untimed and timed repetitions.
-
-    Returns
-    -------
-    float
-        Median over ``iters`` runs, in milliseconds.
-    """
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
+# ---------------------------------------------------------------------------------------
+# the implementations and their timing
+# ---------------------------------------------------------------------------------------
 
 
 def matmul_peak_tflops(dtype: torch.dtype, n: int, warmup: int, iters: int) -> float:
@@ -72,7 +63,7 @@ def matmul_peak_tflops(dtype: torch.dtype, n: int, warmup: int, iters: int) -> f
 
 
 def time_fwd_bwd(
-    attn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    attn: Attn,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -99,15 +90,14 @@ def time_fwd_bwd(
 
 
 def sdpa_backends() -> dict[str, object]:
+    """The SDPA backends this torch names, of FLASH, CUDNN and EFFICIENT attention."""
     from torch.nn.attention import SDPBackend
 
     names = ["FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"]
     return {n: getattr(SDPBackend, n) for n in names if hasattr(SDPBackend, n)}
 
 
-def make_sdpa(
-    backend: object,
-) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+def make_sdpa(backend: object) -> Attn:
     """SDPA restricted to one backend, taking and returning [B, S, H, D] tensors."""
     from torch.nn.attention import sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention
@@ -122,17 +112,86 @@ def make_sdpa(
     return run
 
 
-def git_commit() -> str:
+def implementations() -> dict[str, Attn]:
+    """``lx.attention`` first, then SDPA under every backend this torch names."""
+    import llada_ext as lx
+
+    impls: dict[str, Attn] = {"llada_ext": lambda q, k, v: lx.attention(q, k, v)}
+    for name, backend in sdpa_backends().items():
+        impls[f"sdpa[{name}]"] = make_sdpa(backend)
+    return impls
+
+
+def bench_impl(
+    name: str,
+    fn: Attn,
+    qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    args: argparse.Namespace,
+    peak: float,
+) -> dict[str, Any]:
+    """The row of one implementation at one sequence length (``error`` where it cannot run)."""
+    b, s = qkv[0].shape[:2]
+    row: dict[str, Any] = {"seq": s, "batch": b, "impl": name}
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        fwd_ms, bwd_ms = time_fwd_bwd(fn, *qkv, args.warmup, args.iters)
+    except Exception as e:  # a backend that cannot run this problem is skipped
+        row["error"] = re.sub(r"\s+", " ", str(e))[:120] or type(e).__name__
+        print(f"seq {s:5d} {name:28s} skipped: {row['error']}")
+        torch.cuda.synchronize()
+        return row
+    fwd_flops = 4 * b * args.heads * s * s * args.head_dim
+    fwd_tf = fwd_flops / (fwd_ms * 1e-3) / 1e12
+    bwd_tf = 2.5 * fwd_flops / (bwd_ms * 1e-3) / 1e12
+    row.update(
+        fwd_ms=fwd_ms,
+        bwd_ms=bwd_ms,
+        fwd_tflops=fwd_tf,
+        bwd_tflops=bwd_tf,
+        fwd_frac_peak=fwd_tf / peak,
+        bwd_frac_peak=bwd_tf / peak,
+    )
+    print(f"seq {s:5d} {name:28s} fwd {fwd_tf:7.1f} TFLOP/s  bwd {bwd_tf:7.1f} TFLOP/s")
+    return row
+
+
+def bench_seqlens(
+    args: argparse.Namespace, impls: dict[str, Attn], peak: float
+) -> list[dict[str, Any]]:
+    """Every implementation at every ``--seqlens`` length, batch = tokens // length."""
+    dtype = getattr(torch, args.dtype)
+    rows = []
+    for s in (int(x) for x in args.seqlens.split(",")):
+        b = max(1, args.tokens // s)
+        shape = (b, s, args.heads, args.head_dim)
+        q, k, v = (torch.randn(*shape, device="cuda", dtype=dtype) for _ in range(3))
+        rows += [bench_impl(name, fn, (q, k, v), args, peak) for name, fn in impls.items()]
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# result files
+# ---------------------------------------------------------------------------------------
+
+
+def table_cells(r: dict[str, Any]) -> list[str]:
+    """The markdown cells of one row (four for a skipped implementation)."""
+    cells = [str(r["seq"]), str(r["batch"]), str(r["impl"])]
+    if r.get("error"):
+        return cells + [f"skipped: {r['error']}"]
+    return cells + [
+        f"{r['fwd_ms']:.3f}",
+        f"{r['fwd_tflops']:.1f}",
+        f"{100 * r['fwd_frac_peak']:.0f}%",
+        f"{r['bwd_ms']:.3f}",
+        f"{r['bwd_tflops']:.1f}",
+        f"{100 * r['bwd_frac_peak']:.0f}%",
+    ]
 
 
 def to_markdown(meta: dict, rows: list[dict]) -> str:
+    """The markdown report: the run's header, then one table row per (length, impl)."""
     lines = [
         f"# CUDA attention throughput ({meta['dtype']}, non-causal, head dim {meta['head_dim']})",
         "",
@@ -142,24 +201,35 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
         f"- tokens per step (batch x seq): {meta['tokens']}, heads: {meta['heads']}",
         f"- measured {meta['dtype']} matmul peak: {meta['matmul_peak_tflops']:.1f} TFLOP/s",
         "",
-        "| seq | batch | impl | fwd ms | fwd TFLOP/s | fwd % peak | bwd ms | bwd TFLOP/s "
-        "| bwd % peak |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
-        if r.get("error"):
-            lines.append(f"| {r['seq']} | {r['batch']} | {r['impl']} | skipped: {r['error']} |")
-            continue
-        lines.append(
-            f"| {r['seq']} | {r['batch']} | {r['impl']} | {r['fwd_ms']:.3f} | "
-            f"{r['fwd_tflops']:.1f} | {100 * r['fwd_frac_peak']:.0f}% | {r['bwd_ms']:.3f} | "
-            f"{r['bwd_tflops']:.1f} | {100 * r['bwd_frac_peak']:.0f}% |"
-        )
+    lines += markdown_lines(TABLE_HEADERS, (table_cells(r) for r in rows), TABLE_ALIGN)
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; returns the process exit status (1 without a CUDA device)."""
+def run_meta(args: argparse.Namespace, now: _dt.datetime, peak: float) -> dict[str, Any]:
+    """The header of the result files."""
+    return {
+        "device": torch.cuda.get_device_name(),
+        "git_commit": git_commit(),
+        "date": now.isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "dtype": args.dtype,
+        "head_dim": args.head_dim,
+        "heads": args.heads,
+        "tokens": args.tokens,
+        "matmul_peak_tflops": peak,
+        "flops": "forward 4*b*h*s^2*d, backward 2.5x forward",
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--seqlens",
@@ -189,8 +259,12 @@ def main(argv: list[str] | None = None) -> int:
         default=REPO / "benchmarks" / "results",
         help="where the JSON and markdown results go",
     )
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; returns the process exit status (1 without a CUDA device)."""
+    args = build_parser().parse_args(argv)
     if not torch.cuda.is_available():
         print(
             "bench_attention_cuda: no CUDA device is available (torch.cuda.is_available() is "
@@ -198,65 +272,14 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-
-    import llada_ext as lx
-
-    dtype = getattr(torch, args.dtype)
-    h, d = args.heads, args.head_dim
-    peak = matmul_peak_tflops(dtype, args.matmul_n, args.warmup, args.iters)
-    impls: dict[str, Callable] = {"llada_ext": lambda q, k, v: lx.attention(q, k, v)}
-    for name, backend in sdpa_backends().items():
-        impls[f"sdpa[{name}]"] = make_sdpa(backend)
-
-    rows = []
-    for s in (int(x) for x in args.seqlens.split(",")):
-        b = max(1, args.tokens // s)
-        q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=dtype) for _ in range(3))
-        fwd_flops = 4 * b * h * s * s * d
-        for name, fn in impls.items():
-            row = {"seq": s, "batch": b, "impl": name}
-            try:
-                fwd_ms, bwd_ms = time_fwd_bwd(fn, q, k, v, args.warmup, args.iters)
-            except Exception as e:  # a backend that cannot run this problem is skipped
-                row["error"] = re.sub(r"\s+", " ", str(e))[:120] or type(e).__name__
-                print(f"seq {s:5d} {name:28s} skipped: {row['error']}")
-                rows.append(row)
-                torch.cuda.synchronize()
-                continue
-            fwd_tf = fwd_flops / (fwd_ms * 1e-3) / 1e12
-            bwd_tf = 2.5 * fwd_flops / (bwd_ms * 1e-3) / 1e12
-            row.update(
-                fwd_ms=fwd_ms,
-                bwd_ms=bwd_ms,
-                fwd_tflops=fwd_tf,
-                bwd_tflops=bwd_tf,
-                fwd_frac_peak=fwd_tf / peak,
-                bwd_frac_peak=bwd_tf / peak,
-            )
-            print(f"seq {s:5d} {name:28s} fwd {fwd_tf:7.1f} TFLOP/s  bwd {bwd_tf:7.1f} TFLOP/s")
-            rows.append(row)
-        del q, k, v
-        torch.cuda.empty_cache()
-
+    impls = implementations()
+    peak = matmul_peak_tflops(getattr(torch, args.dtype), args.matmul_n, args.warmup, args.iters)
+    rows = bench_seqlens(args, impls, peak)
     now = _dt.datetime.now(_dt.timezone.utc)
-    device = torch.cuda.get_device_name()
-    meta = {
-        "device": device,
-        "git_commit": git_commit(),
-        "date": now.isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "dtype": args.dtype,
-        "head_dim": d,
-        "heads": h,
-        "tokens": args.tokens,
-        "matmul_peak_tflops": peak,
-        "flops": "forward 4*b*h*s^2*d, backward 2.5x forward",
-    }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"attention_cuda_{re.sub(r'[^A-Za-z0-9]+', '_', device).strip('_')}_{now:%Y%m%d}"
-    (args.out_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (args.out_dir / f"{stem}.md").write_text(to_markdown(meta, rows))
+    meta = run_meta(args, now, peak)
+    device = re.sub(r"[^A-Za-z0-9]+", "_", meta["device"]).strip("_")
+    stem = f"attention_cuda_{device}_{now:%Y%m%d}"
+    write_result_files(args.out_dir, stem, {"meta": meta, "rows": rows}, to_markdown(meta, rows))
     print(f"peak matmul {peak:.1f} TFLOP/s; results in {args.out_dir / stem}.{{json,md}}")
     return 0
 

@@ -18,7 +18,6 @@ Usage: ``python benchmarks/bench_ce_remask_cuda.py [--quick] [--out DIR]``
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -31,16 +30,52 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_common import (  # noqa: E402
     RESULTS_DIR,
-    markdown_table,
     measure_copy_gbps,
     run_metadata,
     time_fn,
+    torch_gumbel_step,
     torch_remask_step,
-    write_json,
 )
+from bench_tables import markdown_table, write_result_files  # noqa: E402
 
 VOCAB = 126464
 MASK_ID = 126336
+
+CE_COLUMNS = [
+    "N",
+    "V",
+    "mask ratio",
+    "ours ms",
+    "ours in-place ms",
+    "torch ms",
+    "speedup",
+    "fwd GB/s",
+    "in-place GB/s",
+    "in-place / copy",
+]
+CE_KEYS = [
+    "N",
+    "V",
+    "mask_ratio",
+    "ours_fwd_bwd_ms",
+    "ours_inplace_fwd_bwd_ms",
+    "torch_fwd_bwd_ms",
+    "speedup_vs_torch",
+    "fwd_gbps",
+    "inplace_fwd_bwd_gbps",
+    "inplace_frac_of_copy",
+]
+REMASK_COLUMNS = ["B", "W", "T", "ours ms", "torch ms", "speedup", "logits GB/s", "/ copy"]
+REMASK_KEYS = [
+    "B",
+    "W",
+    "temperature",
+    "ours_ms",
+    "torch_ms",
+    "speedup_vs_torch",
+    "logits_read_gbps",
+    "frac_of_copy",
+]
 
 
 def _free_bytes(device: torch.device) -> int:
@@ -57,24 +92,47 @@ def _timed_or_oom(fn: Callable[[], Any], device: torch.device, reps: int) -> Opt
         return None
 
 
+def _ms(sec: Optional[float]) -> Optional[float]:
+    return sec * 1e3 if sec else None
+
+
+def _ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
+    return num / den if (num and den) else None
+
+
+def _gbps(nbytes: int, sec: Optional[float]) -> Optional[float]:
+    return nbytes / sec / 1e9 if sec else None
+
+
 # ---------------------------------------------------------------------------------------
 # masked cross-entropy
 # ---------------------------------------------------------------------------------------
 
 
-def bench_masked_ce(
-    lx, device: torch.device, N: int, V: int, ratio: float, reps: int, copy_gbps: float
-) -> dict[str, Any]:
-    """Forward + backward of the masked loss; GB/s counts the bytes the kernels must move."""
-    from llada_ext import _C
-    from llada_ext._views import stream_of, view
-
+def masked_ce_inputs(
+    device: torch.device, N: int, V: int, ratio: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """bf16 logits [N, V], targets, weights (1/ratio on the active rows, 0 elsewhere) and the
+    number of active rows."""
     gen = torch.Generator(device=device).manual_seed(0)
     logits = torch.randn(N, V, device=device, dtype=torch.bfloat16, generator=gen)
     targets = torch.randint(0, V, (N,), device=device, generator=gen)
     active = torch.rand(N, device=device, generator=gen) < ratio
     weights = torch.where(active, 1.0 / ratio, 0.0).float()
-    n_active = int(active.sum())
+    return logits, targets, weights, int(active.sum())
+
+
+def masked_ce_callables(
+    lx, logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
+) -> dict[str, Callable[[], None]]:
+    """The timed calls, by name: ``ours`` (autograd), ``ours_inplace`` (raw kernels, the
+    gradient written over a copy of the logits), ``ours_fwd`` (forward kernel alone) and
+    ``reference`` (``F.cross_entropy`` over every row)."""
+    from llada_ext import _C
+    from llada_ext._views import stream_of, view
+
+    N = logits.shape[0]
+    device = logits.device
 
     def ours() -> None:
         leaf = logits.detach().requires_grad_(True)
@@ -100,78 +158,51 @@ def bench_masked_ce(
     def ours_fwd() -> None:
         _C.masked_ce_fwd(view(logits), view(targets), view(weights), view(loss), view(lse), stream)
 
-    t_ours = _timed_or_oom(ours, device, reps)
-    t_inplace = _timed_or_oom(ours_inplace, device, reps)
-    t_fwd = _timed_or_oom(ours_fwd, device, reps)
-    t_ref = _timed_or_oom(reference, device, reps)
+    return {
+        "ours": ours,
+        "ours_inplace": ours_inplace,
+        "ours_fwd": ours_fwd,
+        "reference": reference,
+    }
+
+
+def bench_masked_ce(
+    lx, device: torch.device, N: int, V: int, ratio: float, reps: int, copy_gbps: float
+) -> dict[str, Any]:
+    """Forward + backward of the masked loss; GB/s counts the bytes the kernels must move."""
+    logits, targets, weights, n_active = masked_ce_inputs(device, N, V, ratio)
+    fns = masked_ce_callables(lx, logits, targets, weights)
+    t = {name: _timed_or_oom(fn, device, reps) for name, fn in fns.items()}
+    t_ours, t_inplace, t_fwd, t_ref = t["ours"], t["ours_inplace"], t["ours_fwd"], t["reference"]
 
     # Bytes the kernels must move: the forward reads the active rows; the backward reads
     # them again and writes every row (zeros for the inactive ones).
     row_bytes = V * logits.element_size()
-    fwd_bytes = n_active * row_bytes
-    fwdbwd_bytes = 2 * n_active * row_bytes + N * row_bytes
-
-    def gbps(nbytes: int, sec: Optional[float]) -> Optional[float]:
-        return nbytes / sec / 1e9 if sec else None
-
-    res = {
+    fwd_gbps = _gbps(n_active * row_bytes, t_fwd)
+    inplace_gbps = _gbps(2 * n_active * row_bytes + N * row_bytes, t_inplace)
+    return {
         "N": N,
         "V": V,
         "dtype": "bfloat16",
         "mask_ratio": ratio,
         "active_rows": n_active,
-        "ours_fwd_bwd_ms": t_ours * 1e3 if t_ours else None,
-        "ours_inplace_fwd_bwd_ms": t_inplace * 1e3 if t_inplace else None,
-        "ours_fwd_ms": t_fwd * 1e3 if t_fwd else None,
-        "torch_fwd_bwd_ms": t_ref * 1e3 if t_ref else None,
-        "speedup_vs_torch": (t_ref / t_ours) if (t_ref and t_ours) else None,
-        "speedup_inplace_vs_torch": (t_ref / t_inplace) if (t_ref and t_inplace) else None,
-        "fwd_gbps": gbps(fwd_bytes, t_fwd),
-        "inplace_fwd_bwd_gbps": gbps(fwdbwd_bytes, t_inplace),
+        "ours_fwd_bwd_ms": _ms(t_ours),
+        "ours_inplace_fwd_bwd_ms": _ms(t_inplace),
+        "ours_fwd_ms": _ms(t_fwd),
+        "torch_fwd_bwd_ms": _ms(t_ref),
+        "speedup_vs_torch": _ratio(t_ref, t_ours),
+        "speedup_inplace_vs_torch": _ratio(t_ref, t_inplace),
+        "fwd_gbps": fwd_gbps,
+        "inplace_fwd_bwd_gbps": inplace_gbps,
         "copy_gbps": copy_gbps,
+        "fwd_frac_of_copy": fwd_gbps / copy_gbps if fwd_gbps else None,
+        "inplace_frac_of_copy": inplace_gbps / copy_gbps if inplace_gbps else None,
     }
-    res["fwd_frac_of_copy"] = res["fwd_gbps"] / copy_gbps if res["fwd_gbps"] else None
-    res["inplace_frac_of_copy"] = (
-        res["inplace_fwd_bwd_gbps"] / copy_gbps if res["inplace_fwd_bwd_gbps"] else None
-    )
-    return res
 
 
 # ---------------------------------------------------------------------------------------
 # remask
 # ---------------------------------------------------------------------------------------
-
-
-def torch_gumbel_step(
-    logits: torch.Tensor,
-    x: torch.Tensor,
-    num_transfer: torch.Tensor,
-    mask_id: int,
-    temperature: float,
-    offset: int = 0,
-) -> torch.Tensor:
-    """The public sampler's step at temperature > 0: float64 Gumbel noise, then as
-    ``torch_remask_step`` (confidence from the untempered softmax)."""
-    W = logits.shape[1]
-    xw = x[:, offset : offset + W]
-    mask_index = xw == mask_id
-    l64 = logits.to(torch.float64)
-    noise = torch.rand_like(l64)
-    gumbel_noise = (-torch.log(noise)) ** temperature
-    x0 = torch.argmax(l64.exp() / gumbel_noise, dim=-1)
-    p = F.softmax(logits, dim=-1)
-    x0_p = torch.gather(p, -1, x0.unsqueeze(-1)).squeeze(-1)
-    x0 = torch.where(mask_index, x0, xw)
-    confidence = torch.where(mask_index, x0_p, -math.inf)
-    transfer = torch.zeros_like(x0, dtype=torch.bool)
-    ks = num_transfer.tolist()
-    for j in range(confidence.shape[0]):
-        _, select = torch.topk(confidence[j], k=int(ks[j]))
-        transfer[j, select] = True
-    out = x.clone()
-    window = out[:, offset : offset + W]
-    window[transfer] = x0[transfer]
-    return out
 
 
 def bench_remask(
@@ -184,6 +215,7 @@ def bench_remask(
     reps: int,
     copy_gbps: float,
 ) -> dict[str, Any]:
+    """One remask step over a fresh (fully masked) block against the plain-torch step."""
     gen = torch.Generator(device=device).manual_seed(1)
     logits = torch.randn(B, W, V, device=device, dtype=torch.bfloat16, generator=gen) * 4
     x = torch.full((B, W), MASK_ID, dtype=torch.int64, device=device)  # a fresh block
@@ -213,20 +245,53 @@ def bench_remask(
         if ref_bytes < 0.8 * _free_bytes(device)
         else None
     )
-    read_bytes = logits.numel() * logits.element_size()
-    gbps = read_bytes / t_ours / 1e9 if t_ours else None
+    gbps = _gbps(logits.numel() * logits.element_size(), t_ours)
     return {
         "B": B,
         "W": W,
         "V": V,
         "temperature": temperature,
         "dtype": "bfloat16",
-        "ours_ms": t_ours * 1e3 if t_ours else None,
-        "torch_ms": t_ref * 1e3 if t_ref else None,
-        "speedup_vs_torch": (t_ref / t_ours) if (t_ref and t_ours) else None,
+        "ours_ms": _ms(t_ours),
+        "torch_ms": _ms(t_ref),
+        "speedup_vs_torch": _ratio(t_ref, t_ours),
         "logits_read_gbps": gbps,
         "frac_of_copy": gbps / copy_gbps if gbps else None,
     }
+
+
+def remask_shapes(quick: bool) -> list[tuple[int, int, float]]:
+    """(B, W, temperature) of the remask rows: B in {1, 8, 32} ({1, 8} with ``quick``, which
+    also leaves out the sampled steps of windows over 256)."""
+    Bs = (1, 8) if quick else (1, 8, 32)
+    return [
+        (B, W, T)
+        for B in Bs
+        for W in (32, 256, 1024)
+        for T in (0.0, 1.0)
+        if not (quick and T > 0 and W > 256)
+    ]
+
+
+# ---------------------------------------------------------------------------------------
+# result files
+# ---------------------------------------------------------------------------------------
+
+
+def render_markdown(
+    meta: dict[str, Any], copy_gbps: float, ce: dict[str, Any], remask_rows: list[dict[str, Any]]
+) -> str:
+    """The markdown report: a header, the masked CE table and the remask table."""
+    md = [
+        f"# Masked CE and remask on {meta['device']}\n",
+        f"commit {meta['commit']}, {meta['date']}, torch {meta['torch']}, "
+        f"copy bandwidth {copy_gbps:.0f} GB/s (read + write)\n",
+        "## Masked cross-entropy (bf16, fwd + bwd)\n",
+        markdown_table(CE_COLUMNS, [[ce[k] for k in CE_KEYS]]),
+        "\n## Remask step (bf16 logits, every window position a candidate)\n",
+        markdown_table(REMASK_COLUMNS, [[r[k] for k in REMASK_KEYS] for r in remask_rows]),
+    ]
+    return "\n".join(md)
 
 
 def write_results(
@@ -245,59 +310,9 @@ def write_results(
         "remask": remask_rows,
         "quick": quick,
     }
-    write_json(out / "ce_remask_cuda.json", result)
-    md = [
-        f"# Masked CE and remask on {meta['device']}\n",
-        f"commit {meta['commit']}, {meta['date']}, torch {meta['torch']}, "
-        f"copy bandwidth {copy_gbps:.0f} GB/s (read + write)\n",
-        "## Masked cross-entropy (bf16, fwd + bwd)\n",
-        markdown_table(
-            [
-                "N",
-                "V",
-                "mask ratio",
-                "ours ms",
-                "ours in-place ms",
-                "torch ms",
-                "speedup",
-                "fwd GB/s",
-                "in-place GB/s",
-                "in-place / copy",
-            ],
-            [
-                [
-                    ce["N"],
-                    ce["V"],
-                    ce["mask_ratio"],
-                    ce["ours_fwd_bwd_ms"],
-                    ce["ours_inplace_fwd_bwd_ms"],
-                    ce["torch_fwd_bwd_ms"],
-                    ce["speedup_vs_torch"],
-                    ce["fwd_gbps"],
-                    ce["inplace_fwd_bwd_gbps"],
-                    ce["inplace_frac_of_copy"],
-                ]
-            ],
-        ),
-        "\n## Remask step (bf16 logits, every window position a candidate)\n",
-        markdown_table(
-            ["B", "W", "T", "ours ms", "torch ms", "speedup", "logits GB/s", "/ copy"],
-            [
-                [
-                    r["B"],
-                    r["W"],
-                    r["temperature"],
-                    r["ours_ms"],
-                    r["torch_ms"],
-                    r["speedup_vs_torch"],
-                    r["logits_read_gbps"],
-                    r["frac_of_copy"],
-                ]
-                for r in remask_rows
-            ],
-        ),
-    ]
-    (out / "ce_remask_cuda.md").write_text("\n".join(md))
+    write_result_files(
+        out, "ce_remask_cuda", result, render_markdown(meta, copy_gbps, ce, remask_rows)
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -352,16 +367,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch.cuda.empty_cache()
 
     remask_rows = []
-    Bs = (1, 8) if args.quick else (1, 8, 32)
-    for B in Bs:
-        for W in (32, 256, 1024):
-            for T in (0.0, 1.0):
-                if args.quick and T > 0 and W > 256:
-                    continue
-                r = bench_remask(lx, device, B, W, VOCAB, T, reps, copy_gbps)
-                print(f"[bench] remask: {r}")
-                remask_rows.append(r)
-                torch.cuda.empty_cache()
+    for B, W, T in remask_shapes(args.quick):
+        r = bench_remask(lx, device, B, W, VOCAB, T, reps, copy_gbps)
+        print(f"[bench] remask: {r}")
+        remask_rows.append(r)
+        torch.cuda.empty_cache()
 
     out = Path(args.out)
     write_results(out, meta, copy_gbps, ce, remask_rows, args.quick)

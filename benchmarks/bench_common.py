@@ -2,7 +2,10 @@
 
 Timing has one implementation here: :func:`timed_call` times one device-synchronised call;
 :func:`time_fn` repeats one callable, :func:`time_interleaved` runs several in rotated
-rounds (paired figures for ratios), :func:`spread_stats` summarises a series.
+rounds (paired figures for ratios), :func:`spread_stats` summarises a series;
+:func:`cuda_time_ms` times with CUDA events where only GPU time counts.
+
+The result files and their tables are written by ``bench_tables.py``.
 
 Every figure a benchmark reports is put next to a ceiling measured *in the same run* on the
 same device (a large matmul for FLOP/s, a large copy for bytes/s), so a number can be read as
@@ -11,8 +14,8 @@ same device (a large matmul for FLOP/s, a large copy for bytes/s), so a number c
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
-import json
 import math
 import os
 import platform
@@ -35,11 +38,14 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # ---------------------------------------------------------------------------------------
 
 
-def git_commit() -> str:
-    """Commit hash of the checkout (with ``-dirty`` when tracked files differ), or "unknown"."""
+def git_commit(short: bool = False) -> str:
+    """Commit hash of the checkout (with ``-dirty`` when tracked files differ), or "unknown".
+
+    ``short``: the abbreviated hash (``git rev-parse --short``).
+    """
     try:
         sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
+            ["git", "rev-parse", *(["--short"] if short else []), "HEAD"],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -114,6 +120,7 @@ def run_metadata(device: torch.device) -> dict[str, Any]:
 
 
 def sync(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -157,6 +164,37 @@ def time_fn(
     while len(times) < reps or (sum(times) < min_time and len(times) < max_reps):
         times.append(timed_call(fn, device))
     return statistics.median(times)
+
+
+def cuda_time_ms(fn: Callable[[], Any], warmup: int, iters: int) -> float:
+    """Median time of ``fn`` in milliseconds, measured with CUDA events on the current stream.
+
+    Parameters
+    ----------
+    fn : callable
+        The work to time; it must only enqueue work on the current stream.
+    warmup, iters : int
+        Untimed and timed repetitions.
+
+    Returns
+    -------
+    float
+        Median over ``iters`` runs (the upper middle one for an even count), in milliseconds.
+    """
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
 
 
 @dataclass
@@ -315,6 +353,7 @@ def measure_peaks(
 
 
 def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
     return str(dtype).replace("torch.", "")
 
 
@@ -349,10 +388,44 @@ def torch_remask_step(
     Tensor
         int64 [B, L]: the new sequence.
     """
+    x0 = torch.argmax(logits, dim=-1)
+    return transfer_most_confident(logits, x0, x, num_transfer, mask_id, offset)
+
+
+def torch_gumbel_step(
+    logits: torch.Tensor,
+    x: torch.Tensor,
+    num_transfer: torch.Tensor,
+    mask_id: int,
+    temperature: float,
+    offset: int = 0,
+) -> torch.Tensor:
+    """The public sampler's step at temperature > 0: float64 Gumbel noise, then as
+    :func:`torch_remask_step` (confidence from the untempered softmax)."""
+    l64 = logits.to(torch.float64)
+    noise = torch.rand_like(l64)
+    gumbel_noise = (-torch.log(noise)) ** temperature
+    x0 = torch.argmax(l64.exp() / gumbel_noise, dim=-1)
+    return transfer_most_confident(logits, x0, x, num_transfer, mask_id, offset)
+
+
+def transfer_most_confident(
+    logits: torch.Tensor,
+    x0: torch.Tensor,
+    x: torch.Tensor,
+    num_transfer: torch.Tensor,
+    mask_id: int,
+    offset: int = 0,
+) -> torch.Tensor:
+    """The rest of the public sampler's step once the tokens ``x0`` [B, W] are picked.
+
+    Confidence is the softmax probability of ``x0`` at the masked positions (``-inf``
+    elsewhere); one ``topk`` per row picks the ``num_transfer`` positions written into a copy
+    of ``x`` (the other arguments as in :func:`torch_remask_step`).
+    """
     W = logits.shape[1]
     xw = x[:, offset : offset + W]
     mask_index = xw == mask_id
-    x0 = torch.argmax(logits, dim=-1)
     p = F.softmax(logits, dim=-1)
     x0_p = torch.squeeze(torch.gather(p, dim=-1, index=torch.unsqueeze(x0, -1)), -1)
     x0 = torch.where(mask_index, x0, xw)
@@ -369,48 +442,10 @@ def torch_remask_step(
 
 
 # ---------------------------------------------------------------------------------------
-# result files
+# command line
 # ---------------------------------------------------------------------------------------
 
 
-def _clean(obj: Any) -> Any:
-    """JSON-safe copy: non-finite floats become None (strict JSON has no NaN/inf)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_clean(data), indent=2, allow_nan=False) + "\n")
-
-
-def fmt(value: Any, digits: int = 3) -> str:
-    """Compact cell text for markdown tables."""
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return "-"
-        if value == 0:
-            return "0"
-        mag = abs(value)
-        if mag >= 1000:
-            return f"{value:,.0f}"
-        if mag >= 1:
-            return f"{value:.{max(digits - 1, 1)}f}" if mag < 10 else f"{value:.1f}"
-        return f"{value:.{digits}g}"
-    return str(value)
-
-
-def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for r in rows:
-        lines.append("| " + " | ".join(fmt(c) for c in r) + " |")
-    return "\n".join(lines) + "\n"
+def add_out_argument(ap: argparse.ArgumentParser, default: Path) -> None:
+    """The ``--out`` option of the scripts whose results go into one folder."""
+    ap.add_argument("--out", type=Path, default=default, help=f"output folder (default {default})")

@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import (  # noqa: E402
     RESULTS_DIR,
-    markdown_table,
+    add_out_argument,
     measure_peaks,
     run_metadata,
     time_interleaved,
-    write_json,
 )
+from bench_tables import markdown_table, write_result_files  # noqa: E402
 from kernel_cases import BUILDERS, Case  # noqa: E402
 
 DEFAULT_CASES = ["remask", "masked_ce", "attention_fwd", "attention_fwd_bwd", "linear_ce"]
@@ -47,6 +47,8 @@ def time_case(case: Case, reps: int, warmup: int = 1) -> list[float]:
 
 
 def summarize(case: Case, medians: list[float], peaks: dict[str, float]) -> dict[str, Any]:
+    """The record of one case: every implementation's time, rate, share of the device
+    ceiling and speed against the baseline, and whether the target was met."""
     names = [i.name for i in case.impls]
     base = medians[names.index(case.baseline)]
     peak = peaks[case.peak_key]
@@ -82,7 +84,42 @@ def summarize(case: Case, medians: list[float], peaks: dict[str, float]) -> dict
     }
 
 
+def _impl_rows(cases: list[dict[str, Any]]) -> list[list[Any]]:
+    rows = []
+    for c in cases:
+        for im in c["impls"]:
+            rows.append(
+                [
+                    c["key"],
+                    im["name"],
+                    im["median_s"] * 1e3,
+                    f"{im['rate']:.3g} {c['unit']}",
+                    f"{100 * im['fraction_of_peak']:.1f}%",
+                    im["speedup_vs_baseline"],
+                ]
+            )
+    return rows
+
+
+def _target_rows(cases: list[dict[str, Any]]) -> list[list[Any]]:
+    trows = []
+    for c in cases:
+        verdict = "-" if c["meets_target"] is None else ("met" if c["meets_target"] else "MISSED")
+        trows.append(
+            [
+                c["title"],
+                f"{c['ours']} vs {c['baseline']}",
+                f"{c['speedup']:.2f}x",
+                c["target_text"],
+                verdict,
+            ]
+        )
+    return trows
+
+
 def render_markdown(result: dict[str, Any]) -> str:
+    """The markdown report: the run's header, every implementation's figures, the targets
+    and the baselines that did not run."""
     meta = result["meta"]
     peaks = result["peaks"]
     lines = [
@@ -95,38 +132,11 @@ def render_markdown(result: dict[str, Any]) -> str:
         "(the order rotated per round)",
         "",
     ]
-    rows = []
-    for c in result["cases"]:
-        for im in c["impls"]:
-            rows.append(
-                [
-                    c["key"],
-                    im["name"],
-                    im["median_s"] * 1e3,
-                    f"{im['rate']:.3g} {c['unit']}",
-                    f"{100 * im['fraction_of_peak']:.1f}%",
-                    im["speedup_vs_baseline"],
-                ]
-            )
-    lines.append(
-        markdown_table(
-            ["case", "implementation", "ms", "rate", "of peak", "speed vs baseline"], rows
-        )
-    )
+    headers = ["case", "implementation", "ms", "rate", "of peak", "speed vs baseline"]
+    lines.append(markdown_table(headers, _impl_rows(result["cases"])))
     lines += ["## Targets", ""]
-    trows = []
-    for c in result["cases"]:
-        verdict = "-" if c["meets_target"] is None else ("met" if c["meets_target"] else "MISSED")
-        trows.append(
-            [
-                c["title"],
-                f"{c['ours']} vs {c['baseline']}",
-                f"{c['speedup']:.2f}x",
-                c["target_text"],
-                verdict,
-            ]
-        )
-    lines.append(markdown_table(["case", "comparison", "measured", "target", "verdict"], trows))
+    headers = ["case", "comparison", "measured", "target", "verdict"]
+    lines.append(markdown_table(headers, _target_rows(result["cases"])))
     unavailable = [
         (c["key"], n, why) for c in result["cases"] for n, why in c["unavailable"].items()
     ]
@@ -137,7 +147,8 @@ def render_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line options."""
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -163,10 +174,44 @@ def main(argv: Optional[list[str]] = None) -> int:
         help="skip the torch.compile'd cross-entropy baseline (its compile takes "
         "a minute on a small CPU)",
     )
-    ap.add_argument(
-        "--out", type=Path, default=RESULTS_DIR, help=f"output folder (default {RESULTS_DIR})"
-    )
-    args = ap.parse_args(argv)
+    add_out_argument(ap, RESULTS_DIR)
+    return ap
+
+
+def print_summary(case: Case, summary: dict[str, Any]) -> None:
+    """Console lines of one case: a line per implementation, then the baselines not run."""
+    print(f"\n[{case.title}]")
+    for im in summary["impls"]:
+        print(
+            f"  {im['name']:<34} {im['median_s'] * 1e3:9.2f} ms  {im['rate']:8.3g} "
+            f"{case.unit:<7} {100 * im['fraction_of_peak']:5.1f}% of peak  "
+            f"{im['speedup_vs_baseline']:6.2f}x vs baseline"
+        )
+    for name, why in case.skipped.items():
+        print(f"  {name}: not run ({why})")
+
+
+def run_cases(
+    keys: list[str], device: torch.device, reps: int, peaks: dict[str, float], with_compile: bool
+) -> list[dict[str, Any]]:
+    """Build, time and summarise every case of ``keys`` that is available on ``device``."""
+    cases = []
+    for key in keys:
+        kwargs = {"with_compile": with_compile} if key == "masked_ce" else {}
+        case = BUILDERS[key](device, **kwargs)
+        if case is None:
+            print(f"[{key}] not available on {device.type}, skipped")
+            continue
+        summary = summarize(case, time_case(case, reps), peaks)
+        cases.append(summary)
+        print_summary(case, summary)
+        del case  # free the inputs before the next case
+    return cases
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run the cases and write ``kernels_<device>.{json,md}``; returns the exit status."""
+    args = build_parser().parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device visible to torch", file=sys.stderr)
@@ -178,28 +223,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"device: {meta['device']}\ncommit: {meta['commit']}  torch {meta['torch']}")
     peaks = measure_peaks(device)
     print("ceilings: " + ", ".join(f"{k} = {v:.3g}" for k, v in peaks.items()))
-
-    cases = []
-    for key in args.cases:
-        kwargs = {"with_compile": not args.no_compile} if key == "masked_ce" else {}
-        case = BUILDERS[key](device, **kwargs)
-        if case is None:
-            print(f"[{key}] not available on {device.type}, skipped")
-            continue
-        medians = time_case(case, reps)
-        summary = summarize(case, medians, peaks)
-        cases.append(summary)
-        print(f"\n[{case.title}]")
-        for im in summary["impls"]:
-            print(
-                f"  {im['name']:<34} {im['median_s'] * 1e3:9.2f} ms  {im['rate']:8.3g} "
-                f"{case.unit:<7} {100 * im['fraction_of_peak']:5.1f}% of peak  "
-                f"{im['speedup_vs_baseline']:6.2f}x vs baseline"
-            )
-        for name, why in case.skipped.items():
-            print(f"  {name}: not run ({why})")
-        del case  # free the inputs before the next case
-
+    cases = run_cases(args.cases, device, reps, peaks, not args.no_compile)
     result = {
         "meta": meta,
         "peaks": peaks,
@@ -208,9 +232,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "wall_s": time.perf_counter() - t_start,
     }
     stem = f"kernels_{device.type}"
-    write_json(args.out / f"{stem}.json", result)
     md = render_markdown(result)
-    (args.out / f"{stem}.md").write_text(md)
+    write_result_files(args.out, stem, result, md)
     print("\n" + md.split("## Targets", 1)[1].strip())
     print(f"\nwrote {args.out / (stem + '.json')} and .md  ({result['wall_s']:.0f} s)")
     return 0

@@ -462,21 +462,21 @@ def _parse_paths(text: str) -> list[str]:
     return names
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="install_paths.py",
-        description=(
-            "Install the checkout in a new virtual environment per install path (CPU-only "
-            "build) and time lx.attention forward against torch SDPA in each, side by side."
-        ),
-        epilog=(
-            "install paths: pip (pip install .), nbi-deps-before (build deps + runtime deps, "
-            "then pip install --no-build-isolation .), nbi-deps-after (build deps, pip install "
-            "--no-build-isolation --no-deps ., then the runtime deps), editable (pip install "
-            "-e .), setup.sh (scripts/setup.sh), current (no install: this interpreter). "
-            "Needs the package index pip is configured with; torch is reused, not downloaded."
-        ),
-    )
+DESCRIPTION = (
+    "Install the checkout in a new virtual environment per install path (CPU-only "
+    "build) and time lx.attention forward against torch SDPA in each, side by side."
+)
+EPILOG = (
+    "install paths: pip (pip install .), nbi-deps-before (build deps + runtime deps, "
+    "then pip install --no-build-isolation .), nbi-deps-after (build deps, pip install "
+    "--no-build-isolation --no-deps ., then the runtime deps), editable (pip install "
+    "-e .), setup.sh (scripts/setup.sh), current (no install: this interpreter). "
+    "Needs the package index pip is configured with; torch is reused, not downloaded."
+)
+
+
+def _add_run_options(ap: argparse.ArgumentParser) -> None:
+    """Which paths, and where the results and the environments go."""
     ap.add_argument(
         "--paths",
         type=_parse_paths,
@@ -497,6 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="where the environments are made (default: the system's temporary directory)",
     )
+
+
+def _add_measure_options(ap: argparse.ArgumentParser) -> None:
+    """The measurement: thread settings, pairs, the attention shape, the time allowed to
+    each command, --measure-only."""
     ap.add_argument(
         "--threads",
         type=_parse_threads,
@@ -523,6 +528,13 @@ def build_parser() -> argparse.ArgumentParser:
         "print the result as JSON",
     )
     ap.add_argument("--json-out", type=Path, help="with --measure-only: write the JSON here")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line options."""
+    ap = argparse.ArgumentParser(prog="install_paths.py", description=DESCRIPTION, epilog=EPILOG)
+    _add_run_options(ap)
+    _add_measure_options(ap)
     return ap
 
 

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import markdown_table  # noqa: E402
+from bench_tables import markdown_table  # noqa: E402
 from install_envs import BUILD_ENV  # noqa: E402
 
 TABLE_COLUMNS = [

@@ -26,10 +26,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +36,10 @@ from typing import Any, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import git_commit, timed_call  # noqa: E402
+from bench_tables import markdown_lines, write_result_files  # noqa: E402
 
 import llada_ext as lx  # noqa: E402
 from llada_ext.demo import load_demo_corpus  # noqa: E402
@@ -90,15 +92,12 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[LLaDAMod
 
 
 def padded_prompts(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """The held-out prompts of the demo task, left-padded into one batch: (ids, attention
+    mask, the records)."""
     tok = ByteTokenizer()
     records = load_demo_corpus("test")
     ids, mask = left_pad([tok.encode(r["prompt"]) for r in records], tok.eos_token_id)
     return ids.to(device), mask.to(device), records
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def run_variant(
@@ -114,36 +113,26 @@ def run_variant(
     steps_run = []
     out = lx.generate(model, prompt, callback=lambda i, x, c: steps_run.append(i), **kw)
     best = float("inf")
+    again: list[torch.Tensor] = []
     for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        again = lx.generate(model, prompt, **kw)
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-        if not torch.equal(again, out):
+        again.clear()
+        best = min(best, timed_call(lambda: again.append(lx.generate(model, prompt, **kw)), device))
+        if not torch.equal(again[0], out):
             raise RuntimeError(f"non-deterministic output for {opts}")
     return out, len(steps_run), best
 
 
 def exact_match(out: torch.Tensor, plen: int, records: list[dict]) -> float:
+    """The fraction of records whose decoded answer equals the expected response."""
     answers = lx.decode_answers(ByteTokenizer(), out, plen)
     return sum(a == r["response"] for a, r in zip(answers, records)) / len(records)
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+TABLE_HEADERS = ["variant", "steps", "tokens/s", "speedup", "agreement", "exact match"]
 
 
 def render_markdown(result: dict[str, Any]) -> str:
+    """The markdown report: the run's header and one table row per variant."""
     lines = [
         f"# Sampler speed options on the demo model ({result['device_name']})",
         "",
@@ -153,18 +142,24 @@ def render_markdown(result: dict[str, Any]) -> str:
         "Agreement: answer tokens equal to the exact sampler (no cache, k = 1). Speedup: "
         "against the exact sampler in the same run.",
         "",
-        "| variant | steps | tokens/s | speedup | agreement | exact match |",
-        "|---|---:|---:|---:|---:|---:|",
     ]
-    for r in result["variants"]:
-        lines.append(
-            f"| {r['name']} | {r['steps']} | {r['tokens_per_s']:.0f} | {r['speedup']:.2f}x | "
-            f"{100 * r['agreement']:.1f}% | {100 * r['exact_match']:.1f}% |"
-        )
+    rows = (
+        [
+            r["name"],
+            str(r["steps"]),
+            f"{r['tokens_per_s']:.0f}",
+            f"{r['speedup']:.2f}x",
+            f"{100 * r['agreement']:.1f}%",
+            f"{100 * r['exact_match']:.1f}%",
+        ]
+        for r in result["variants"]
+    )
+    lines += markdown_lines(TABLE_HEADERS, rows, "lrrrrr")
     return "\n".join(lines) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="saved model folder (default: runs/demo, trained if absent)")
     p.add_argument("--untrained", action="store_true", help="random weights (smoke runs)")
@@ -176,7 +171,68 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def measure_variants(
+    model: LLaDAModel,
+    prompts: tuple[torch.Tensor, torch.Tensor, list[dict]],
+    repeats: int,
+    device: torch.device,
+) -> list[dict[str, Any]]:
+    """One row per variant of :data:`VARIANTS`, each against the first (the exact sampler),
+    printed as it comes."""
+    prompt, mask, records = prompts
+    plen = prompt.shape[1]
+    base_out = base_time = None
+    rows = []
+    for name, opts in VARIANTS:
+        out, steps, secs = run_variant(model, prompt, mask, opts, repeats, device)
+        if base_out is None:
+            base_out, base_time = out, secs
+        answer, base_answer = out[:, plen:], base_out[:, plen:]
+        r = {
+            "name": name,
+            "options": opts,
+            "steps": steps,
+            "seconds": secs,
+            "tokens_per_s": prompt.shape[0] * GEN_LENGTH / secs,
+            "speedup": base_time / secs,
+            "agreement": float((answer == base_answer).float().mean()),
+            "exact_match": exact_match(out, plen, records),
+        }
+        rows.append(r)
+        print(
+            f"{name:26s} steps {steps:3d}  {r['tokens_per_s']:9.0f} tok/s  "
+            f"{r['speedup']:5.2f}x  agreement {100 * r['agreement']:5.1f}%  "
+            f"exact match {100 * r['exact_match']:5.1f}%",
+            flush=True,
+        )
+    return rows
+
+
+def run_result(
+    device: torch.device, source: str, batch: int, rows: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The content of the JSON file: the run's description and every variant's row."""
+    return {
+        "device": device.type,
+        "device_name": (
+            torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or platform.machine()
+        ),
+        "model": source,
+        "batch": batch,
+        "gen_length": GEN_LENGTH,
+        "block_length": BLOCK_LENGTH,
+        "threads": torch.get_num_threads(),
+        "commit": git_commit(short=True),
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "variants": rows,
+    }
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    """Measure every variant and write ``sampler_<device>[_untrained].{json,md}``."""
     args = build_parser().parse_args(argv)
     if args.repeats < 1:
         raise SystemExit("error: --repeats must be >= 1")
@@ -186,58 +242,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     model, source = load_model(args, device)
     if device.type == "cuda":
         model = model.to(torch.bfloat16)
-    prompt, mask, records = padded_prompts(device)
-    plen = prompt.shape[1]
-    base_out = None
-    base_time = None
-    rows = []
-    for name, opts in VARIANTS:
-        out, steps, secs = run_variant(model, prompt, mask, opts, args.repeats, device)
-        if base_out is None:
-            base_out, base_time = out, secs
-        answer, base_answer = out[:, plen:], base_out[:, plen:]
-        rows.append(
-            {
-                "name": name,
-                "options": opts,
-                "steps": steps,
-                "seconds": secs,
-                "tokens_per_s": prompt.shape[0] * GEN_LENGTH / secs,
-                "speedup": base_time / secs,
-                "agreement": float((answer == base_answer).float().mean()),
-                "exact_match": exact_match(out, plen, records),
-            }
-        )
-        r = rows[-1]
-        print(
-            f"{name:26s} steps {steps:3d}  {r['tokens_per_s']:9.0f} tok/s  "
-            f"{r['speedup']:5.2f}x  agreement {100 * r['agreement']:5.1f}%  "
-            f"exact match {100 * r['exact_match']:5.1f}%",
-            flush=True,
-        )
-    result = {
-        "device": device.type,
-        "device_name": (
-            torch.cuda.get_device_name(device)
-            if device.type == "cuda"
-            else platform.processor() or platform.machine()
-        ),
-        "model": source,
-        "batch": prompt.shape[0],
-        "gen_length": GEN_LENGTH,
-        "block_length": BLOCK_LENGTH,
-        "threads": torch.get_num_threads(),
-        "commit": _commit(),
-        "date": time.strftime("%Y-%m-%d"),
-        "torch": torch.__version__,
-        "variants": rows,
-    }
+    prompts = padded_prompts(device)
+    rows = measure_variants(model, prompts, args.repeats, device)
+    result = run_result(device, source, prompts[0].shape[0], rows)
     out_dir = Path(args.out) if args.out else Path(__file__).resolve().parent / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"sampler_{device.type}" + ("_untrained" if args.untrained else "")
-    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out_dir / f"{stem}.md").write_text(render_markdown(result))
-    print(f"wrote {out_dir / stem}.json and .md")
+    written = write_result_files(out_dir, stem, result, render_markdown(result))
+    print(f"wrote {written}.json and .md")
     return 0
 
 

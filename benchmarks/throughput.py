@@ -60,12 +60,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ar_baseline import RANDOM_WEIGHTS_NOTE  # noqa: E402
 from bench_common import (  # noqa: E402
     RESULTS_DIR,
+    add_out_argument,
     dtype_name,
     measure_copy_gbps,
     measure_matmul_tflops,
     run_metadata,
-    write_json,
 )
+from bench_tables import write_result_files  # noqa: E402
 from throughput_measure import run_model  # noqa: E402
 from throughput_plots import latest_attention_json, make_plots  # noqa: E402
 from throughput_report import (  # noqa: E402
@@ -117,20 +118,17 @@ TIMING_NOTE = (
 )
 
 
-def build_parser(
-    prog: str = "throughput.py", default_out: Path = RESULTS_DIR
-) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog=prog,
-        description=__doc__.split("\n\n")[0],
-        epilog="Grids: --cpu (tiny model, float32, CPU), --quick (1b/8b dims, batch 1, prompt "
-        "512, gen 256), default full (prompt 128/512/1024 x gen 256/512/1024 x batch "
-        "1/8/32). --models/--prompts/--gens/--batches/--ks override the grid's lists. Every "
-        "method of a grid point is timed in the same interleaved rounds; figures are the "
-        "median over the rounds with the interquartile range, ratios vs AR are paired per "
-        "round.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+EPILOG = (
+    "Grids: --cpu (tiny model, float32, CPU), --quick (1b/8b dims, batch 1, prompt 512, gen "
+    "256), default full (prompt 128/512/1024 x gen 256/512/1024 x batch 1/8/32). "
+    "--models/--prompts/--gens/--batches/--ks override the grid's lists. Every method of a "
+    "grid point is timed in the same interleaved rounds; figures are the median over the "
+    "rounds with the interquartile range, ratios vs AR are paired per round."
+)
+
+
+def _add_grid_options(ap: argparse.ArgumentParser) -> None:
+    """The grid: --cpu / --quick / --smoke and the lists that override it."""
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--cpu", action="store_true", help="CPU grid: tiny model, float32")
     g.add_argument("--quick", action="store_true", help="short GPU grid (< 10 min on one GPU)")
@@ -142,6 +140,10 @@ def build_parser(
     ap.add_argument("--gens", nargs="+", type=int, help="answer lengths")
     ap.add_argument("--batches", nargs="+", type=int, help="batch sizes")
     ap.add_argument("--ks", nargs="+", type=int, help="tokens per step")
+
+
+def _add_run_options(ap: argparse.ArgumentParser) -> None:
+    """What runs and how: methods, block length, rounds, device, dtype, compilation."""
     ap.add_argument(
         "--methods",
         nargs="+",
@@ -173,6 +175,10 @@ def build_parser(
     ap.add_argument(
         "--no-graphs", action="store_true", help="skip the CUDA-graph diffusion variants"
     )
+
+
+def _add_output_options(ap: argparse.ArgumentParser, default_out: Path) -> None:
+    """Plots, the output folder, the report's note and tracebacks."""
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     ap.add_argument(
         "--attention-json",
@@ -181,11 +187,24 @@ def build_parser(
         help="attention benchmark JSON to plot (default: the newest attention_cuda*.json "
         "in --out or benchmarks/results)",
     )
-    ap.add_argument(
-        "--out", type=Path, default=default_out, help=f"output folder (default {default_out})"
-    )
+    add_out_argument(ap, default_out)
     ap.add_argument("--note", default=None, help="a line for the markdown report's header")
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of failed points")
+
+
+def build_parser(
+    prog: str = "throughput.py", default_out: Path = RESULTS_DIR
+) -> argparse.ArgumentParser:
+    """The command-line options; ``prog`` and ``default_out`` as in :func:`main`."""
+    ap = argparse.ArgumentParser(
+        prog=prog,
+        description=__doc__.split("\n\n")[0],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_grid_options(ap)
+    _add_run_options(ap)
+    _add_output_options(ap, default_out)
     return ap
 
 
@@ -237,8 +256,7 @@ def _write(result: dict[str, Any], args: argparse.Namespace, stem: str) -> list[
             print(note)
     result["plots"] = [Path(p).name for p in plots]
     result["plot_note"] = note
-    write_json(out / f"{stem}.json", result)
-    (out / f"{stem}.md").write_text(render_markdown(result))
+    write_result_files(out, stem, result, render_markdown(result))
     return plots
 
 

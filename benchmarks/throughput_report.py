@@ -10,7 +10,8 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ar_baseline import RANDOM_WEIGHTS_NOTE  # noqa: E402
-from bench_common import markdown_table, paired_speedups, spread_stats  # noqa: E402
+from bench_common import paired_speedups, spread_stats  # noqa: E402
+from bench_tables import markdown_table  # noqa: E402
 
 # the configuration and the targets of the project
 TARGET_CONFIG = {"model": "8b", "batch": 1, "prompt": 512, "gen": 256}

@@ -361,3 +361,108 @@ def test_install_paths_table_for_the_current_environment(install_paths, tmp_path
     (row,) = install_paths.table_rows([rec_bad])
     assert row[0] == "broken" and row[1].startswith("FAILED at install: no compiler")
     assert len(row) == len(install_paths.TABLE_COLUMNS)
+
+
+@pytest.fixture(scope="module")
+def gpu_scripts():
+    """The scripts that measure on a GPU, and ptxas_report.py, imported without running."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_attention_cuda
+        import bench_ce_remask_cuda
+        import bench_tables
+        import ptxas_report
+
+        yield bench_attention_cuda, bench_ce_remask_cuda, ptxas_report, bench_tables
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_markdown_lines_align_and_format(gpu_scripts):
+    """Table lines: one alignment letter per column, rows of text as given; markdown_table
+    formats every cell."""
+    tables = gpu_scripts[3]
+    lines = tables.markdown_lines(["a", "b"], [["1", "x"], ["2"]], "rl")
+    assert lines == ["| a | b |", "|---:|---|", "| 1 | x |", "| 2 |"]
+    assert tables.markdown_table(["v", "w"], [[0.5, None]]) == "| v | w |\n|---|---|\n| 0.5 | - |\n"
+    with pytest.raises(ValueError):
+        tables.markdown_lines(["a"], [], "rl")
+
+
+def test_attention_benchmark_report(gpu_scripts, tmp_path):
+    """bench_attention_cuda.py's options and markdown from made-up figures (a backend that
+    cannot run is a short row); without a GPU it measures nothing and exits 1."""
+    att = gpu_scripts[0]
+    args = att.build_parser().parse_args(["--out-dir", str(tmp_path), "--iters", "3"])
+    assert (args.iters, args.warmup, args.tokens, args.dtype) == (3, 5, 16384, "bfloat16")
+    meta = {
+        "dtype": "bfloat16",
+        "head_dim": 128,
+        "device": "GPU",
+        "date": "2026-01-01",
+        "git_commit": "abc",
+        "torch": "2",
+        "cuda": "12",
+        "tokens": 16384,
+        "heads": 16,
+        "matmul_peak_tflops": 700.0,
+    }
+    ok = {"seq": 512, "batch": 32, "impl": "llada_ext", "fwd_ms": 1.23456, "bwd_ms": 3.4567}
+    ok.update(fwd_tflops=300.12, bwd_tflops=250.5, fwd_frac_peak=0.4213, bwd_frac_peak=0.35)
+    bad = {"seq": 512, "batch": 32, "impl": "sdpa[X]", "error": "no kernel"}
+    lines = att.to_markdown(meta, [ok, bad]).splitlines()
+    assert "|---:|---:|---|---:|---:|---:|---:|---:|---:|" in lines
+    assert "| 512 | 32 | llada_ext | 1.235 | 300.1 | 42% | 3.457 | 250.5 | 35% |" in lines
+    assert lines[-1] == "| 512 | 32 | sdpa[X] | skipped: no kernel |"
+    if not torch.cuda.is_available():
+        assert att.main(["--out-dir", str(tmp_path / "none")]) == 1
+        assert not (tmp_path / "none").exists()
+
+
+def test_ce_remask_benchmark_on_the_cpu(gpu_scripts, tmp_path, monkeypatch):
+    """bench_ce_remask_cuda.py's measurements run on the CPU too (small shapes, two
+    repetitions) and give every figure its result files name; the shapes of --quick."""
+    ce_mod = gpu_scripts[1]
+    monkeypatch.setattr(ce_mod, "_free_bytes", lambda device: 1 << 40)
+    cpu = torch.device("cpu")
+    ce = ce_mod.bench_masked_ce(lx, cpu, 64, 1000, 0.5, 2, 10.0)
+    assert ce["active_rows"] > 0 and all(_positive_finite(ce[k]) for k in ce_mod.CE_KEYS[3:])
+    rows = [ce_mod.bench_remask(lx, cpu, 2, 32, 1000, t, 2, 10.0) for t in (0.0, 1.0)]
+    for r in rows:
+        assert all(_positive_finite(r[k]) for k in ce_mod.REMASK_KEYS if k != "temperature")
+    assert len(ce_mod.remask_shapes(True)) == 10 and len(ce_mod.remask_shapes(False)) == 18
+    meta = {"device": "CPU", "commit": "abc", "date": "2026-01-01", "torch": "2"}
+    ce_mod.write_results(tmp_path, meta, 10.0, ce, rows, True)
+    data = json.loads((tmp_path / "ce_remask_cuda.json").read_text())
+    assert data["masked_ce"]["N"] == 64 and len(data["remask"]) == 2 and data["quick"]
+    md = (tmp_path / "ce_remask_cuda.md").read_text()
+    assert "| " + " | ".join(ce_mod.CE_COLUMNS) + " |" in md
+    assert "| " + " | ".join(ce_mod.REMASK_COLUMNS) + " |" in md
+    if not torch.cuda.is_available():
+        assert ce_mod.main(["--out", str(tmp_path / "none")]) == 0
+        assert not (tmp_path / "none").exists()
+
+
+def test_ptxas_report_render(gpu_scripts):
+    """ptxas_report.py's markdown from parsed ptxas output: the kernel row, the spill section
+    and the compile-time table."""
+    ptx = gpu_scripts[2]
+    log = "\n".join(
+        [
+            "ptxas info    : Compiling entry function '_Z1kv' for 'sm_80'",
+            "ptxas info    : Function properties for _Z1kv",
+            "    16 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads",
+            "ptxas info    : Used 255 registers, used 1 barriers, 1024 bytes smem",
+        ]
+    )
+    (k,) = ptx.parse_ptxas(log, "csrc/cuda/x.cu", "80")
+    assert (k.registers, k.spill_stores, k.spill_loads, k.smem, k.stack) == (255, 8, 4, 1024, 16)
+    k.name = "k()"
+    compiles = [ptx.Compile("csrc/cuda/x.cu", "80", 1.25, 0, [k])]
+    meta = {"archs": ["80"], "argv": "", "nvcc_version": "13", "commit": "abc", "date": "2026"}
+    meta.update(flags="-O3", flags_from="CMakeLists.txt", host_cpus=2, jobs=1, dyn_smem_note="")
+    lines = ptx.render(compiles, meta).splitlines()
+    assert "| x.cu | `k()` | sm_80 | 255 | 8 | 4 | 1024 |  | 16 |" in lines
+    assert "|---|---|---|---:|---:|---:|---:|---:|---:|" in lines
+    assert any(ln.startswith("- `k()` on sm_80: 255 registers, 8 B spill stores") for ln in lines)
+    assert lines[-1] == "| x.cu | sm_80 | 1.2 | 1 | ok |"
