@@ -47,6 +47,10 @@ __global__ void __launch_bounds__(FwdConfig<kD, kShort>::kWarps * 32)
   constexpr int kPitch = Pitch<kD>::kValue;
   static_assert(kMT >= 1 && kBlockM == kMT * 16 * C::kWarps, "bad forward tile config");
   static_assert(kBlockN % 16 == 0 && kD % 16 == 0, "tiles must be multiples of 16");
+  // Register budget (-Xptxas -v, benchmarks/ptxas_report.py): two m-tiles per warp with the
+  // 128 head dim fill all 255 registers, and a fully unrolled S = Q K^T loop spills a few
+  // bytes; unrolling it by 4 keeps every configuration clear of spills.
+  constexpr int kSUnroll = kMT >= 2 && kD >= 128 ? 4 : kD / 16;
 
   LLADA_DYNAMIC_SHARED(__align__(16) unsigned char, smem_raw);
   T* sQ = reinterpret_cast<T*>(smem_raw);  // [kBlockM][kPitch]
@@ -136,7 +140,7 @@ __global__ void __launch_bounds__(FwdConfig<kD, kShort>::kWarps * 32)
         for (int nt = 0; nt < kNT; ++nt)
           s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
 
-#pragma unroll
+#pragma unroll(kSUnroll)
       for (int kk = 0; kk < kD / 16; ++kk) {
         // A (Q rows): matrices (rows 0-7 | 8-15) x (cols 0-7 | 8-15) of the 16x16 block.
         uint32_t a[kMT][4];
