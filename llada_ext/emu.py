@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from . import _views
-from .ops import REMASK_STRATEGIES
+from .ops._checks import REMASK_STRATEGIES, RemaskScalars
 
 __all__ = [
     "EmulatorError",
@@ -92,6 +92,15 @@ def _call(fn_name: str, *args) -> None:
         raise EmulatorError(str(e)) from None
 
 
+def _scratch(nbytes: int, dtype: torch.dtype) -> tuple[Tensor, int]:
+    """Host scratch for a kernel asking for ``nbytes``: a buffer of ``dtype`` elements (torch
+    aligns it far beyond the 8 bytes the float2 atomics and double row states need), to keep
+    referenced until the call returns, and the address to pass (0 for no bytes). The executor
+    is told ``nbytes``, so it checks accesses against exactly that size."""
+    ws = torch.empty(-(-nbytes // dtype.itemsize), dtype=dtype)
+    return ws, ws.data_ptr() if nbytes else 0
+
+
 def attention_fwd(
     q: Tensor,
     k: Tensor,
@@ -123,7 +132,7 @@ def attention_fwd(
     out = torch.empty(q.shape, dtype=q.dtype)
     lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
     ws_bytes = _load().attention_fwd_workspace_size(_view(q), _view(k)) if split else 0
-    ws = torch.empty((ws_bytes + 3) // 4, dtype=torch.float32)  # float32 partial rows
+    ws, ws_ptr = _scratch(ws_bytes, torch.float32)  # float32 partial rows
     _call(
         "attention_fwd",
         _view(q),
@@ -134,7 +143,7 @@ def attention_fwd(
         _view(out),
         _view(lse),
         0,
-        ws.data_ptr() if ws_bytes else 0,
+        ws_ptr,
         ws_bytes,
     )
     return out, lse
@@ -157,9 +166,7 @@ def attention_bwd(
     dv = torch.empty(v.shape, dtype=q.dtype)
     mod = _load()
     ws_bytes = mod.attention_bwd_workspace_size(_view(q), _view(k))
-    # float32 scratch (torch aligns it far beyond the 8 bytes the float2 atomics need), so the
-    # executor sees a buffer of exactly ws_bytes
-    ws = torch.empty((ws_bytes + 3) // 4, dtype=torch.float32)
+    ws, ws_ptr = _scratch(ws_bytes, torch.float32)
     _call(
         "attention_bwd",
         _view(q),
@@ -173,7 +180,7 @@ def attention_bwd(
         _view(dq),
         _view(dk),
         _view(dv),
-        ws.data_ptr() if ws_bytes else 0,
+        ws_ptr,
         ws_bytes,
         0,
     )
@@ -249,26 +256,27 @@ def remask(
     x0 = torch.empty((B, W), dtype=torch.int64)
     conf = torch.empty((B, W), dtype=torch.float32)
     ws_bytes = _load().remask_workspace_size(_view(logits), _view(x))
-    # 8-byte aligned scratch of exactly ws_bytes (the row states hold doubles)
-    ws = torch.empty((ws_bytes + 7) // 8, dtype=torch.float64)
+    ws, ws_ptr = _scratch(ws_bytes, torch.float64)  # the row states hold doubles
+    scalars = RemaskScalars(
+        mask_id,
+        offset,
+        REMASK_STRATEGIES[strategy],
+        float(temperature),
+        threshold is not None,
+        0.0 if threshold is None else float(threshold),
+        float(cfg_scale),
+    )
     _call(
         "remask",
         _view(logits),
         _opt_view(uncond_logits),
         _view(x),
         _view(num_transfer),
-        mask_id,
-        offset,
-        REMASK_STRATEGIES[strategy],
-        threshold is not None,
-        0.0 if threshold is None else float(threshold),
-        float(temperature),
-        float(cfg_scale),
-        seed & ((1 << 64) - 1),
+        *scalars.c_args(seed),
         _view(x_out),
         _view(x0),
         _view(conf),
-        ws.data_ptr() if ws_bytes else 0,
+        ws_ptr,
         ws_bytes,
         0,
     )

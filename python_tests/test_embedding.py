@@ -326,6 +326,16 @@ def tv(a: np.ndarray, **override) -> Tensor:
     return t
 
 
+def _pointers(arrays: dict, views: dict) -> dict:
+    """ctypes pointers, by argument name, to views of `arrays` (None: a null pointer), with
+    `views` replacing some of them. Each pointer keeps its view alive; the arrays must
+    outlive the call."""
+    assert set(views) <= set(arrays), set(views) - set(arrays)
+    v = {name: None if a is None else tv(a) for name, a in arrays.items()}
+    v.update(views)
+    return {name: None if t is None else ctypes.byref(t) for name, t in v.items()}
+
+
 P = ctypes.POINTER
 _SIGNATURES = {
     "llada_last_error": (ctypes.c_char_p, []),
@@ -398,40 +408,18 @@ class CE:
         self.grad_loss = np.ones(5, np.float32)
         self.grad = np.full((5, 11), 7.0, np.float32)
 
+    def _call(self, fn, names: tuple, views: dict) -> int:
+        # The fields named in the order of fn's tensor arguments, then the stream (none).
+        p = _pointers({name: getattr(self, name) for name in names}, views)
+        return fn(*p.values(), None)
+
     def fwd(self, lib, **views):
-        v = dict(
-            logits=tv(self.logits),
-            targets=tv(self.targets),
-            weights=tv(self.weights),
-            loss=tv(self.loss),
-            lse=tv(self.lse),
-        )
-        v.update(views)
-        ptr = {k: (None if t is None else ctypes.byref(t)) for k, t in v.items()}
-        return lib.llada_masked_ce_fwd(
-            ptr["logits"], ptr["targets"], ptr["weights"], ptr["loss"], ptr["lse"], None
-        )
+        names = ("logits", "targets", "weights", "loss", "lse")
+        return self._call(lib.llada_masked_ce_fwd, names, views)
 
     def bwd(self, lib, **views):
-        v = dict(
-            logits=tv(self.logits),
-            targets=tv(self.targets),
-            weights=tv(self.weights),
-            lse=tv(self.lse),
-            grad_loss=tv(self.grad_loss),
-            grad=tv(self.grad),
-        )
-        v.update(views)
-        ptr = {k: (None if t is None else ctypes.byref(t)) for k, t in v.items()}
-        return lib.llada_masked_ce_bwd(
-            ptr["logits"],
-            ptr["targets"],
-            ptr["weights"],
-            ptr["lse"],
-            ptr["grad_loss"],
-            ptr["grad"],
-            None,
-        )
+        names = ("logits", "targets", "weights", "lse", "grad_loss", "grad")
+        return self._call(lib.llada_masked_ce_bwd, names, views)
 
 
 def _cuda_view(a: np.ndarray, device_id: int = 0) -> Tensor:
@@ -540,9 +528,7 @@ def _attn_arrays(rng):
 
 
 def _attn_fwd(lib, a, scale=0.35, **views):
-    v = {name: tv(arr) for name, arr in a.items()}
-    v.update(views)
-    p = {k: (None if t is None else ctypes.byref(t)) for k, t in v.items()}
+    p = _pointers(a, views)
     return lib.llada_attention_fwd(
         p["q"], p["k"], p["v"], p["mask"], scale, p["out"], p["lse"], None
     )
@@ -614,26 +600,10 @@ def test_attention_bwd_bad_arguments(capi):
     grads = {n: np.full(a[n].shape, 7.0, np.float32) for n in ("q", "k", "v")}
 
     def bwd(workspace=None, nbytes=0, **views):
-        v = {n: tv(a[n]) for n in ("q", "k", "v", "mask", "out", "lse")}
-        v.update(dout=tv(dout), dq=tv(grads["q"]), dk=tv(grads["k"]), dv=tv(grads["v"]))
-        v.update(views)
-        p = {k: (None if t is None else ctypes.byref(t)) for k, t in v.items()}
-        return capi.llada_attention_bwd(
-            p["q"],
-            p["k"],
-            p["v"],
-            p["mask"],
-            p["out"],
-            p["dout"],
-            p["lse"],
-            0.35,
-            p["dq"],
-            p["dk"],
-            p["dv"],
-            workspace,
-            nbytes,
-            None,
-        )
+        arrays = {n: a[n] for n in ("q", "k", "v", "mask", "out")}
+        arrays.update(dout=dout, lse=a["lse"], dq=grads["q"], dk=grads["k"], dv=grads["v"])
+        p = list(_pointers(arrays, views).values())  # q, k, v, mask, out, dout, lse, dq, dk, dv
+        return capi.llada_attention_bwd(*p[:7], 0.35, *p[7:], workspace, nbytes, None)
 
     nbytes = ctypes.c_size_t(123)
     assert (
@@ -689,6 +659,7 @@ class RM:
 
     def __init__(self, rng):
         self.logits = rng.standard_normal((2, 5, 9)).astype(np.float32)
+        self.uncond = None  # no unconditional logits unless a test passes a view
         self.x = np.where(rng.random((2, 8)) < 0.6, 8, rng.integers(0, 8, (2, 8))).astype(np.int64)
         self.nt = np.array([2, 1], np.int64)
         self.x_out = np.full((2, 8), 77, np.int64)
@@ -709,34 +680,14 @@ class RM:
         return (self.x_out == 77).all() and (self.x0 == 77).all() and (self.conf == 7.0).all()
 
     def run(self, lib, params=True, workspace=None, nbytes=0, **views):
-        v = dict(
-            logits=tv(self.logits),
-            uncond=None,
-            x=tv(self.x),
-            nt=tv(self.nt),
-            x_out=tv(self.x_out),
-            x0=tv(self.x0),
-            conf=tv(self.conf),
-        )
-        v.update(views)
-        p = {k: (None if t is None else ctypes.byref(t)) for k, t in v.items()}
+        names = ("logits", "uncond", "x", "nt", "x_out", "x0", "conf")
+        arrays = {name: getattr(self, name) for name in names}
+        p = list(_pointers(arrays, views).values())
         prm = ctypes.byref(self.params) if params else None
-        return lib.llada_remask(
-            p["logits"],
-            p["uncond"],
-            p["x"],
-            p["nt"],
-            prm,
-            p["x_out"],
-            p["x0"],
-            p["conf"],
-            workspace,
-            nbytes,
-            None,
-        )
+        return lib.llada_remask(*p[:4], prm, *p[4:], workspace, nbytes, None)
 
 
-def test_remask_bad_arguments(capi):
+def test_remask_workspace_size_bad_arguments(capi):
     rm = RM(np.random.default_rng(6))
     nbytes = ctypes.c_size_t(99)
     assert (
@@ -756,6 +707,10 @@ def test_remask_bad_arguments(capi):
         capi.llada_remask_workspace_size(None, ctypes.byref(tv(rm.x)), ctypes.byref(nbytes)),
         INVALID,
     )
+
+
+def test_remask_bad_arguments(capi):
+    rm = RM(np.random.default_rng(6))
     assert rm.run(capi) == OK
     rm.x_out[:], rm.x0[:], rm.conf[:] = 77, 77, 7.0
     cases = [
@@ -882,57 +837,17 @@ def test_insufficient_workspace_cuda(capi):
     params = RemaskParams(mask_id=49, offset=0, strategy=0)
     ws = torch.empty(max(nbytes.value, 1), dtype=torch.uint8, device=dev)
     r = [ctypes.byref(v) for v in views]
+
+    def run(workspace, size):
+        # logits, no uncond, x, nt, params, x_out, x0, conf, then the workspace, no stream
+        return capi.llada_remask(
+            r[0], None, r[1], r[2], ctypes.byref(params), *r[3:], workspace, size, None
+        )
+
     if nbytes.value > 0:
-        _expect(
-            capi,
-            capi.llada_remask(
-                r[0],
-                None,
-                r[1],
-                r[2],
-                ctypes.byref(params),
-                r[3],
-                r[4],
-                r[5],
-                ws.data_ptr(),
-                nbytes.value - 1,
-                None,
-            ),
-            WORKSPACE,
-        )
-        _expect(
-            capi,
-            capi.llada_remask(
-                r[0],
-                None,
-                r[1],
-                r[2],
-                ctypes.byref(params),
-                r[3],
-                r[4],
-                r[5],
-                None,
-                nbytes.value,
-                None,
-            ),
-            WORKSPACE,
-        )
-    assert (
-        capi.llada_remask(
-            r[0],
-            None,
-            r[1],
-            r[2],
-            ctypes.byref(params),
-            r[3],
-            r[4],
-            r[5],
-            ws.data_ptr(),
-            nbytes.value,
-            None,
-        )
-        == OK
-    )
+        _expect(capi, run(ws.data_ptr(), nbytes.value - 1), WORKSPACE)
+        _expect(capi, run(None, nbytes.value), WORKSPACE)
+    assert run(ws.data_ptr(), nbytes.value) == OK
     torch.cuda.synchronize()
     assert int((x_out != 49).sum()) == 6
 
@@ -1194,20 +1109,17 @@ def test_dlpack_numpy_remask_matches_torch_op(strategy, temperature, threshold, 
     x[:, offset : offset + W][rng.random((B, W)) < 0.6] = mask_id
     k = rng.integers(0, 4, B).astype(np.int64)
     seed = int(rng.integers(0, 2**62))
-    got = dl.remask(
-        logits,
-        x,
-        k,
+    step = dict(
         mask_id=mask_id,
         offset=offset,
         strategy=strategy,
         temperature=temperature,
         threshold=threshold,
-        seed=seed,
         uncond_logits=uncond,
         cfg_scale=cfg,
         return_details=True,
     )
+    got = dl.remask(logits, x, k, seed=seed, **step)
     T = torch.from_numpy
     want = ops._remask._remask(
         T(logits),
@@ -1227,20 +1139,7 @@ def test_dlpack_numpy_remask_matches_torch_op(strategy, temperature, threshold, 
         np.testing.assert_array_equal(g, w.numpy())
     # The seed matters when the step is random.
     if temperature > 0 or strategy == "random":
-        other = dl.remask(
-            logits,
-            x,
-            k,
-            mask_id=mask_id,
-            offset=offset,
-            strategy=strategy,
-            temperature=temperature,
-            threshold=threshold,
-            seed=seed + 1,
-            uncond_logits=uncond,
-            cfg_scale=cfg,
-            return_details=True,
-        )
+        other = dl.remask(logits, x, k, seed=seed + 1, **step)
         assert not (np.array_equal(other[1], got[1]) and np.array_equal(other[2], got[2]))
 
 
@@ -1337,6 +1236,79 @@ def test_dlpack_bad_input():
         dl.attention(q, q, q, key_padding_mask=np.ones((1, 3), bool))
     with pytest.raises(ValueError, match="scale"):
         dl.attention(q, q, q, scale=math.nan)
+
+
+def _bad_calls() -> dict:
+    """Calls with one bad argument each, on NumPy arrays: (op, args, kwargs) by case name, a
+    name that starts with the argument the error must name."""
+    rng = np.random.default_rng(21)
+    lg = rng.standard_normal((2, 4, 7)).astype(np.float32)
+    x = np.full((2, 6), 6, np.int64)
+    q = rng.standard_normal((1, 3, 4, 8)).astype(np.float32)
+    k = rng.standard_normal((1, 5, 2, 8)).astype(np.float32)
+    t, w = np.zeros((2, 4), np.int64), np.ones((2, 4), np.float32)
+    rm = dict(mask_id=6)
+    return {
+        "remask logits 2-d": ("remask", (lg[0], x, 1), rm),
+        "remask logits float64": ("remask", (lg.astype(np.float64), x, 1), rm),
+        "remask x int32": ("remask", (lg, x.astype(np.int32), 1), rm),
+        "remask x rows": ("remask", (lg, x[:1], 1), rm),
+        "remask offset": ("remask", (lg, x, 1), dict(rm, offset=3)),
+        "remask offset type": ("remask", (lg, x, 1), dict(rm, offset=1.0)),
+        "remask mask_id range": ("remask", (lg, x, 1), dict(mask_id=2**63)),
+        "remask mask_id type": ("remask", (lg, x, 1), dict(mask_id="6")),
+        "remask strategy": ("remask", (lg, x, 1), dict(rm, strategy="greedy")),
+        "remask temperature": ("remask", (lg, x, 1), dict(rm, temperature=-1.0)),
+        "remask temperature nan": ("remask", (lg, x, 1), dict(rm, temperature=math.nan)),
+        "remask threshold": ("remask", (lg, x, 1), dict(rm, threshold=math.inf)),
+        "remask cfg_scale": ("remask", (lg, x, 1), dict(rm, cfg_scale="1")),
+        "remask uncond_logits": ("remask", (lg, x, 1), dict(rm, uncond_logits=lg[:, :3])),
+        "remask num_transfer negative": ("remask", (lg, x, -1), rm),
+        "remask num_transfer float": ("remask", (lg, x, 1.5), rm),
+        "remask num_transfer bool": ("remask", (lg, x, True), rm),
+        "remask num_transfer dtype": ("remask", (lg, x, np.ones(2, np.float32)), rm),
+        "remask num_transfer shape": ("remask", (lg, x, np.ones(3, np.int64)), rm),
+        "remask num_transfer values": ("remask", (lg, x, np.array([1, -1])), rm),
+        "attention q 3-d": ("attention", (q[0], k, k), {}),
+        "attention q dtype": ("attention", (q.astype(np.float64), k, k), {}),
+        "attention k dtype": ("attention", (q, k.astype(np.float16), k), {}),
+        "attention k batch": ("attention", (q, np.concatenate([k, k]), k), {}),
+        "attention v shape": ("attention", (q, k, k[:, :4]), {}),
+        "attention k heads": (
+            "attention",
+            (q, k[:, :, :1].repeat(3, 2), k[:, :, :1].repeat(3, 2)),
+            {},
+        ),
+        "attention key_mask dtype": ("attention", (q, k, k, np.ones((1, 5), np.int64)), {}),
+        "attention key_mask shape": ("attention", (q, k, k, np.ones((1, 4), bool)), {}),
+        "attention scale": ("attention", (q, k, k), dict(scale=math.nan)),
+        "attention scale type": ("attention", (q, k, k), dict(scale="x")),
+        "ce logits dtype": ("masked_cross_entropy", (lg.astype(np.float64), t, w), {}),
+        "ce logits 0-d": ("masked_cross_entropy", (np.ones((), np.float32), t, w), {}),
+        "ce targets dtype": ("masked_cross_entropy", (lg, t.astype(np.int32), w), {}),
+        "ce weights dtype": ("masked_cross_entropy", (lg, t, w.astype(np.float64)), {}),
+        "ce targets shape": ("masked_cross_entropy", (lg, t[:1], w), {}),
+        "ce weights shape": ("masked_cross_entropy", (lg, t, w[:, :3]), {}),
+        "ce weights values": ("masked_cross_entropy", (lg, t, w * np.inf), {}),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_bad_calls()))
+def test_dlpack_checks_match_the_torch_ops(case):
+    """The DLPack functions and the torch ops check their arguments the same way: the same
+    exception type and message for the same bad argument."""
+    op, args, kwargs = _bad_calls()[case]
+
+    def torch_arg(a):
+        return torch.from_numpy(a) if isinstance(a, np.ndarray) else a
+
+    errors = []
+    for fn, convert in ((getattr(dl, op), lambda a: a), (getattr(lx, op), torch_arg)):
+        with pytest.raises((TypeError, ValueError)) as info:
+            fn(*map(convert, args), **{key: convert(a) for key, a in kwargs.items()})
+        errors.append((type(info.value), str(info.value)))
+    assert errors[0] == errors[1]
+    assert re.match(rf"{case.split()[1]}[:,] ", errors[0][1]), errors  # names the argument
 
 
 # ------------------------------------------------------------------------------------------

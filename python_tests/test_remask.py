@@ -161,6 +161,34 @@ def embed_window(logits_win: torch.Tensor, L: int, offset: int) -> torch.Tensor:
     return full
 
 
+def llada_window_step(logits_win, x, mask_id, offset, num_transfer, remasking, **kwargs):
+    """llada_step with logits_win [B, W, V] as the predictions for the window
+    [offset, offset + W) of x (noise elsewhere); returns the new x and, of the window only,
+    x0 and the confidence, the shapes lx.remask returns."""
+    W = logits_win.shape[1]
+    full = embed_window(logits_win, x.shape[1], offset)
+    x_new, x0, conf = llada_step(
+        full, x, mask_id, offset, offset + W, num_transfer, remasking, **kwargs
+    )
+    return x_new, x0[:, offset : offset + W], conf[:, offset : offset + W]
+
+
+def remask_on(device, logits, x, num_transfer, mask_id, offset=0, **kwargs):
+    """lx.remask with return_details on `device` (every tensor argument moved there), the
+    results back on the CPU; it also checks that the x passed in is left untouched."""
+
+    def to(t):
+        return t.to(device) if isinstance(t, torch.Tensor) else t
+
+    x_before = x.clone()
+    x_dev = x.to(device)
+    kwargs = {key: to(value) for key, value in kwargs.items()}
+    kwargs.update(mask_id=mask_id, offset=offset, return_details=True)
+    out = lx.remask(to(logits), x_dev, to(num_transfer), **kwargs)
+    assert torch.equal(x_dev.cpu(), x_before)  # input untouched
+    return tuple(t.cpu() for t in out)
+
+
 def make_x(B, L, mask_id, V, mask_frac, generator=None):
     """int64 [B, L]: random tokens (never mask_id) with about mask_frac of them masked."""
     x = torch.randint(0, V - 1, (B, L))
@@ -202,32 +230,16 @@ def test_matches_llada_step_temperature0(device, remasking, B, L, W, offset, V):
     seed = seed_of(seed_gen)
     rand = torch.rand(B, L)  # positions outside the window: -inf anyway
     rand[:, offset : offset + W] = random_confidence(seed, B, W)
-    ref_x, ref_x0, ref_conf = llada_step(
-        embed_window(logits, L, offset),
-        x,
-        mask_id,
-        offset,
-        offset + W,
-        num_transfer,
-        remasking,
-        x0_p_random=rand,
+    ref_x, ref_x0, ref_conf = llada_window_step(
+        logits, x, mask_id, offset, num_transfer, remasking, x0_p_random=rand
     )
-    x_dev = x.to(device)
-    out, x0, conf = lx.remask(
-        logits.to(device),
-        x_dev,
-        num_transfer.to(device),
-        mask_id=mask_id,
-        offset=offset,
-        strategy=remasking,
-        generator=torch.Generator().manual_seed(seed_gen),
-        return_details=True,
+    gen = torch.Generator().manual_seed(seed_gen)
+    out, x0, conf = remask_on(
+        device, logits, x, num_transfer, mask_id, offset, strategy=remasking, generator=gen
     )
-    assert torch.equal(out.cpu(), ref_x)
-    win = slice(offset, offset + W)
-    assert torch.equal(x0.cpu(), ref_x0[:, win])
-    torch.testing.assert_close(conf.cpu(), ref_conf[:, win].float(), rtol=2e-6, atol=0)
-    assert torch.equal(x_dev.cpu(), x)  # input untouched
+    assert torch.equal(out, ref_x)
+    assert torch.equal(x0, ref_x0)
+    torch.testing.assert_close(conf, ref_conf.float(), rtol=2e-6, atol=0)
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 1.7])
@@ -251,35 +263,27 @@ def test_gumbel_path_is_exact(device, temperature, remasking):
     full_keys[:, offset : offset + W] = keys
     rand = torch.zeros(B, L)
     rand[:, offset : offset + W] = random_confidence(seed, B, W)
-    ref_x, ref_x0, _ = llada_step(
-        embed_window(logits, L, offset),
+    ref_x, ref_x0, _ = llada_window_step(
+        logits,
         x,
         mask_id,
         offset,
-        offset + W,
         num_transfer,
         remasking,
         x0_p_random=rand,
         logits_with_noise=full_keys,
     )
-    out, x0, conf = lx.remask(
-        logits.to(device),
-        x.to(device),
-        num_transfer.to(device),
-        mask_id=mask_id,
-        offset=offset,
-        strategy=remasking,
-        temperature=temperature,
-        generator=torch.Generator().manual_seed(2024),
-        return_details=True,
+    sampling = dict(strategy=remasking, temperature=temperature)
+    gen = torch.Generator().manual_seed(2024)
+    out, x0, conf = remask_on(
+        device, logits, x, num_transfer, mask_id, offset, generator=gen, **sampling
     )
-    win = slice(offset, offset + W)
-    assert torch.equal(x0.cpu(), ref_x0[:, win])
-    assert torch.equal(out.cpu(), ref_x)
+    assert torch.equal(x0, ref_x0)
+    assert torch.equal(out, ref_x)
     if remasking == "low_confidence":  # untempered softmax at the sampled token
-        cand = x[:, win] == mask_id
-        p = torch.softmax(logits.double(), -1).gather(-1, x0.cpu().unsqueeze(-1)).squeeze(-1)
-        torch.testing.assert_close(conf.cpu()[cand].double(), p[cand], rtol=2e-6, atol=1e-9)
+        cand = x[:, offset : offset + W] == mask_id
+        p = torch.softmax(logits.double(), -1).gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+        torch.testing.assert_close(conf[cand].double(), p[cand], rtol=2e-6, atol=1e-9)
 
 
 def test_gumbel_depends_on_the_generator(device):
@@ -314,22 +318,16 @@ def test_low_precision_logits(device, dtype, temperature):
         keys = up / temperature + gumbel_noise(seed_of(3), B, W, V)
     else:
         keys = up
-    out, x0, conf = lx.remask(
-        logits.to(device),
-        x.to(device),
-        num_transfer.to(device),
-        mask_id=mask_id,
-        offset=offset,
-        temperature=temperature,
-        generator=torch.Generator().manual_seed(3),
-        return_details=True,
+    gen = torch.Generator().manual_seed(3)
+    out, x0, conf = remask_on(
+        device, logits, x, num_transfer, mask_id, offset, temperature=temperature, generator=gen
     )
     cand = x[:, offset : offset + W] == mask_id
     ref_x0 = torch.where(cand, keys.argmax(-1), x[:, offset : offset + W])
-    assert torch.equal(x0.cpu(), ref_x0)
+    assert torch.equal(x0, ref_x0)
     p = torch.softmax(up, -1).gather(-1, ref_x0.unsqueeze(-1)).squeeze(-1)
-    torch.testing.assert_close(conf.cpu()[cand].double(), p[cand], rtol=2e-6, atol=1e-9)
-    assert torch.equal(out.cpu(), ranked_select(x, ref_x0, conf.cpu(), cand, offset, num_transfer))
+    torch.testing.assert_close(conf[cand].double(), p[cand], rtol=2e-6, atol=1e-9)
+    assert torch.equal(out, ranked_select(x, ref_x0, conf, cand, offset, num_transfer))
 
 
 def test_llada_vocabulary(device):
@@ -339,32 +337,16 @@ def test_llada_vocabulary(device):
     logits = torch.randn(B, W, V) * 4
     x = torch.full((B, L), mask_id)
     x[1, 3] = 11
-    ref_x, ref_x0, ref_conf = llada_step(
-        embed_window(logits, L, 1),
-        x,
-        mask_id,
-        1,
-        1 + W,
-        torch.tensor([2, 1]),
-        "low_confidence",
-    )
-    out, x0, conf = lx.remask(
-        logits.to(device),
-        x.to(device),
-        torch.tensor([2, 1]).to(device),
-        mask_id=mask_id,
-        offset=1,
-        return_details=True,
-    )
-    assert torch.equal(out.cpu(), ref_x) and torch.equal(x0.cpu(), ref_x0[:, 1 : 1 + W])
+    k = torch.tensor([2, 1])
+    ref_x, ref_x0, _ = llada_window_step(logits, x, mask_id, 1, k, "low_confidence")
+    out, x0, conf = remask_on(device, logits, x, k, mask_id, 1)
+    assert torch.equal(out, ref_x) and torch.equal(x0, ref_x0)
     # Against float64: over this many terms a float32 softmax (torch's too) drifts ~1e-5.
     cand = x[:, 1 : 1 + W] == mask_id
     p64 = torch.softmax(logits.double(), -1).amax(-1)
-    torch.testing.assert_close(conf.cpu()[cand].double(), p64[cand], rtol=2e-6, atol=0)
+    torch.testing.assert_close(conf[cand].double(), p64[cand], rtol=2e-6, atol=0)
     lb = logits.bfloat16()
-    x0b = lx.remask(lb.to(device), x.to(device), 2, mask_id=mask_id, offset=1, return_details=True)[
-        1
-    ].cpu()
+    x0b = remask_on(device, lb, x, 2, mask_id, 1)[1]
     assert torch.equal(x0b[cand], lb.float().argmax(-1)[cand])
 
 
@@ -393,23 +375,15 @@ def test_margin_and_entropy(device, strategy):
     x = make_x(B, L, mask_id, V, 0.5)
     x[0, offset] = mask_id
     num_transfer = torch.tensor([6, 0, 40])
-    out, x0, conf = lx.remask(
-        logits.to(device),
-        x.to(device),
-        num_transfer.to(device),
-        mask_id=mask_id,
-        offset=offset,
-        strategy=strategy,
-        return_details=True,
-    )
+    out, x0, conf = remask_on(device, logits, x, num_transfer, mask_id, offset, strategy=strategy)
     win = x[:, offset : offset + W]
     cand = win == mask_id
     ref_x0 = torch.where(cand, logits.argmax(-1), win)
-    assert torch.equal(x0.cpu(), ref_x0)
+    assert torch.equal(x0, ref_x0)
     ref = ref_confidence(logits, strategy)
-    torch.testing.assert_close(conf.cpu()[cand].double(), ref[cand], rtol=1e-5, atol=2e-6)
-    assert bool((conf.cpu()[~cand] == float("-inf")).all())
-    assert torch.equal(out.cpu(), ranked_select(x, ref_x0, ref, cand, offset, num_transfer))
+    torch.testing.assert_close(conf[cand].double(), ref[cand], rtol=1e-5, atol=2e-6)
+    assert bool((conf[~cand] == float("-inf")).all())
+    assert torch.equal(out, ranked_select(x, ref_x0, ref, cand, offset, num_transfer))
 
 
 @pytest.mark.parametrize("strategy", ["low_confidence", "margin"])
@@ -425,21 +399,12 @@ def test_threshold(device, strategy):
     )
     cand = x[:, offset : offset + W] == mask_id
     tau = float(conf0[cand].median())  # some rows gain tokens from it, some from k
-    out, x0, conf = lx.remask(
-        logits.to(device),
-        x.to(device),
-        num_transfer.to(device),
-        mask_id=mask_id,
-        offset=offset,
-        strategy=strategy,
-        threshold=tau,
-        return_details=True,
+    out, x0, conf = remask_on(
+        device, logits, x, num_transfer, mask_id, offset, strategy=strategy, threshold=tau
     )
-    assert torch.equal(
-        out.cpu(), ranked_select(x, x0.cpu(), conf.cpu(), cand, offset, num_transfer, threshold=tau)
-    )
-    changed = out.cpu() != x
-    n_above = ((conf.cpu() > tau) & cand).sum(1)
+    assert torch.equal(out, ranked_select(x, x0, conf, cand, offset, num_transfer, threshold=tau))
+    changed = out != x
+    n_above = ((conf > tau) & cand).sum(1)
     expected = torch.maximum(n_above, torch.minimum(num_transfer, cand.sum(1)))
     assert torch.equal(changed.sum(1), expected)
     assert bool((n_above > num_transfer).any()) and bool((n_above < num_transfer).any())
@@ -455,43 +420,20 @@ def test_cfg_combine(device, cfg_scale):
     num_transfer = torch.tensor([2, 3])
     # generate.py: logits = un_logits + (cfg_scale + 1) * (logits - un_logits), in float32
     combined = uncond + (cfg_scale + 1) * (cond - uncond)
-    ref_x, ref_x0, ref_conf = llada_step(
-        embed_window(combined, L, offset),
-        x,
-        mask_id,
-        offset,
-        offset + W,
-        num_transfer,
-        "low_confidence",
+    ref_x, ref_x0, ref_conf = llada_window_step(
+        combined, x, mask_id, offset, num_transfer, "low_confidence"
     )
-    out, x0, conf = lx.remask(
-        cond.to(device),
-        x.to(device),
-        num_transfer.to(device),
-        mask_id=mask_id,
-        offset=offset,
-        uncond_logits=uncond.to(device),
-        cfg_scale=cfg_scale,
-        return_details=True,
-    )
-    win = slice(offset, offset + W)
-    assert torch.equal(out.cpu(), ref_x) and torch.equal(x0.cpu(), ref_x0[:, win])
-    torch.testing.assert_close(conf.cpu(), ref_conf[:, win].float(), rtol=2e-6, atol=0)
+    cfg = dict(uncond_logits=uncond, cfg_scale=cfg_scale)
+    out, x0, conf = remask_on(device, cond, x, num_transfer, mask_id, offset, **cfg)
+    assert torch.equal(out, ref_x) and torch.equal(x0, ref_x0)
+    torch.testing.assert_close(conf, ref_conf.float(), rtol=2e-6, atol=0)
     # The Gumbel path sees the same combined logits.
-    g_out = lx.remask(
-        cond.to(device),
-        x.to(device),
-        num_transfer.to(device),
-        mask_id=mask_id,
-        offset=offset,
-        uncond_logits=uncond.to(device),
-        cfg_scale=cfg_scale,
-        temperature=1.0,
-        return_details=True,
-        generator=torch.Generator().manual_seed(5),
-    )[1].cpu()
+    gen = torch.Generator().manual_seed(5)
+    g_out = remask_on(
+        device, cond, x, num_transfer, mask_id, offset, temperature=1.0, generator=gen, **cfg
+    )[1]
     keys = combined.double() + gumbel_noise(seed_of(5), B, W, V)
-    cand = x[:, win] == mask_id
+    cand = x[:, offset : offset + W] == mask_id
     assert torch.equal(g_out[cand], keys.argmax(-1)[cand])
 
 

@@ -11,11 +11,13 @@ work through them. One module per op family, named like the op, its CPU twin
 - :mod:`._cross_entropy`: ``masked_cross_entropy``, ``linear_masked_cross_entropy``
   (``csrc/cpu/masked_ce.cpp``, ``csrc/cuda/masked_ce.cu``);
 - :mod:`._remask`: ``remask``, ``remask_`` (``csrc/cpu/remask.cpp``, ``csrc/cuda/remask.cu``);
-- :mod:`._common`: the argument checks they share.
+- :mod:`._checks`: the argument checks, on shapes, dtype names and plain values, that they
+  share with ``llada_ext.dlpack``; :mod:`._common`: what the torch ops share besides (tensor
+  arguments, workspaces).
 """
 
 from ._attention import attention
-from ._common import REMASK_STRATEGIES
+from ._checks import REMASK_STRATEGIES
 from ._cross_entropy import linear_masked_cross_entropy, masked_cross_entropy
 from ._remask import remask, remask_
 

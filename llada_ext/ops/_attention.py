@@ -10,7 +10,9 @@ from torch import Tensor
 from .. import _C
 from .._renamed import refuse_renamed_attention_args
 from .._views import opt_view, stream_of, view
-from ._common import _ATTN_DTYPES, _dtype_in, _finite, _inner_contiguous, _same_device, _tensor
+from . import _checks as checks
+from ._checks import meta
+from ._common import _inner_contiguous, _tensor, _workspace
 
 # ---------------------------------------------------------------------------------------
 # attention
@@ -26,7 +28,7 @@ def _attention_fwd(
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
     # CUDA, decode-shaped calls: scratch for the split-KV plan (0 bytes otherwise)
     ws_bytes = _C.attention_fwd_workspace_size(view(q), view(k))
-    ws = torch.empty(ws_bytes, dtype=torch.uint8, device=q.device) if ws_bytes else None
+    ws, ws_ptr = _workspace(ws_bytes, q.device)
     _C.attention_fwd(
         view(q),
         view(k),
@@ -36,7 +38,7 @@ def _attention_fwd(
         view(out),
         view(lse),
         stream_of(q),
-        ws.data_ptr() if ws is not None else 0,
+        ws_ptr,
         ws_bytes,
     )
     return out, lse
@@ -63,7 +65,7 @@ def _attention_bwd(
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     ws_bytes = _C.attention_bwd_workspace_size(view(q), view(k))
-    ws = torch.empty(ws_bytes, dtype=torch.uint8, device=q.device) if ws_bytes else None
+    ws, ws_ptr = _workspace(ws_bytes, q.device)
     _C.attention_bwd(
         view(q),
         view(k),
@@ -76,7 +78,7 @@ def _attention_bwd(
         view(dq),
         view(dk),
         view(dv),
-        ws.data_ptr() if ws is not None else 0,
+        ws_ptr,
         ws_bytes,
         stream_of(q),
     )
@@ -146,42 +148,14 @@ def attention(
         zero gradients), and ``lse`` when asked. Differentiable w.r.t. q, k and v.
     """
     refuse_renamed_attention_args(renamed)
-    q, k, v = _tensor(q, "q"), _tensor(k, "k"), _tensor(v, "v")
-    for t, name in ((q, "q"), (k, "k"), (v, "v")):
-        if t.dim() != 4:
-            raise ValueError(
-                f"{name}: expected 4 dimensions [B, S, H, D], got shape {tuple(t.shape)}"
-            )
-    _same_device(k, "k", q, "q")
-    _same_device(v, "v", q, "q")
-    _dtype_in(q, "q", _ATTN_DTYPES[q.device.type], "device")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"k, v: dtypes {k.dtype}, {v.dtype} must equal q's dtype {q.dtype}")
-    B, Sq, Hq, D = q.shape
-    if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(
-            f"k: shape {tuple(k.shape)} does not match q {tuple(q.shape)} "
-            "in batch or head dimension"
-        )
-    if v.shape != k.shape:
-        raise ValueError(f"v: shape {tuple(v.shape)} must equal k's shape {tuple(k.shape)}")
-    Sk, Hkv = k.shape[1], k.shape[2]
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"k: {Hkv} key/value heads must divide the {Hq} query heads")
-    if D == 0:
-        raise ValueError("q: head dimension must be > 0")
-    if q.device.type == "cuda" and (D % 8 != 0 or D > 256):
-        raise ValueError(
-            f"q: head dimension {D} is not supported on CUDA (a multiple of 8, at most 256)"
-        )
+    q = _tensor(q, "q")
+    k, v = _tensor(k, "k", q, "q"), _tensor(v, "v", q, "q")
+    qkv = (meta(q, "q"), meta(k, "k"), meta(v, "v"))
+    B, Sq, Hq, D, Sk = checks.attention_shapes(*qkv, q.device.type)
     if key_mask is not None:
-        key_mask = _tensor(key_mask, "key_mask")
-        _same_device(key_mask, "key_mask", q, "q")
-        if key_mask.dtype != torch.bool:
-            raise TypeError(f"key_mask: expected dtype bool, got {key_mask.dtype}")
-        if tuple(key_mask.shape) != (B, Sk):
-            raise ValueError(f"key_mask: expected shape {(B, Sk)}, got {tuple(key_mask.shape)}")
-    scale = float(D) ** -0.5 if scale is None else _finite(scale, "scale")
+        key_mask = _tensor(key_mask, "key_mask", q, "q")
+        checks.key_mask(meta(key_mask, "key_mask"), B, Sk)
+    scale = checks.attention_scale(scale, D)
     out, lse = _attention_fwd(
         _inner_contiguous(q), _inner_contiguous(k), _inner_contiguous(v), key_mask, scale
     )

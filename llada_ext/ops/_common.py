@@ -1,63 +1,23 @@
-"""Argument checks and constants shared by the torch ops (and by ``llada_ext.dlpack``)."""
+"""What the torch ops share besides the argument checks of :mod:`._checks`: taking a tensor
+argument (type and device), preparing tensors for the kernels and their workspaces."""
 
 from __future__ import annotations
 
-import math
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-REMASK_STRATEGIES = {"low_confidence": 0, "random": 1, "margin": 2, "entropy": 3}
 
-_ATTN_DTYPES = {
-    "cpu": (torch.float32, torch.bfloat16),
-    "cuda": (torch.float16, torch.bfloat16),
-}
-_LOGIT_DTYPES = {
-    "cpu": (torch.float32, torch.bfloat16, torch.float16),
-    "cuda": (torch.float32, torch.bfloat16, torch.float16),
-}
-_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-
-# Rows of logits materialised at once by the fused linear loss (about 64M logits per chunk).
-_CHUNK_LOGITS = 1 << 26
-
-
-# ---------------------------------------------------------------------------------------
-# validation helpers
-# ---------------------------------------------------------------------------------------
-
-
-def _tensor(t: object, name: str) -> Tensor:
+def _tensor(t: object, name: str, ref: Optional[Tensor] = None, ref_name: str = "") -> Tensor:
+    """``t`` if it is a tensor on the CPU or CUDA (on ``ref``'s device when one is given)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.device.type not in ("cpu", "cuda"):
         raise ValueError(f"{name}: tensors on device {t.device} are not supported (cpu or cuda)")
-    return t
-
-
-def _same_device(t: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
-    if t.device != ref.device:
+    if ref is not None and t.device != ref.device:
         raise ValueError(f"{name}: on {t.device}, but {ref_name} is on {ref.device}")
-
-
-def _dtype_in(t: Tensor, name: str, allowed: tuple, what: str = "") -> None:
-    if t.dtype not in allowed:
-        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
-        where = f" on {t.device.type}" if what else ""
-        raise TypeError(
-            f"{name}: dtype {str(t.dtype).replace('torch.', '')} is not supported"
-            f"{where}; expected one of {names}"
-        )
-
-
-def _finite(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: must be finite, got {value}")
-    return value
+    return t
 
 
 def _inner_contiguous(t: Tensor) -> Tensor:
@@ -84,3 +44,12 @@ def _eager(t: Tensor) -> bool:
     (NaN loss for a target outside the vocabulary, 0 for a negative num_transfer).
     """
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _workspace(nbytes: int, device: torch.device) -> tuple[Optional[Tensor], int]:
+    """Scratch of ``nbytes`` for one kernel call: the buffer (keep it referenced until the
+    call returns) and its address; ``(None, 0)`` when the kernel needs none."""
+    if not nbytes:
+        return None, 0
+    ws = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    return ws, ws.data_ptr()

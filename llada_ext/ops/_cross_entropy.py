@@ -10,15 +10,12 @@ from torch import Tensor
 
 from .. import _C
 from .._views import stream_of, view
-from ._common import (
-    _CHUNK_LOGITS,
-    _LOGIT_DTYPES,
-    _dtype_in,
-    _eager,
-    _inner_contiguous,
-    _same_device,
-    _tensor,
-)
+from . import _checks as checks
+from ._checks import meta
+from ._common import _eager, _inner_contiguous, _tensor
+
+# Rows of logits materialised at once by the fused linear loss (about 64M logits per chunk).
+_CHUNK_LOGITS = 1 << 26
 
 # ---------------------------------------------------------------------------------------
 # masked cross-entropy
@@ -83,44 +80,29 @@ _masked_ce_fwd.register_autograd(_masked_ce_backward, setup_context=_masked_ce_s
 
 
 def _check_ce_targets(
-    logits_shape: torch.Size,
+    lead: tuple,
     targets: Tensor,
     weights: Tensor,
-    device_ref: Tensor,
+    ref: Tensor,
+    ref_name: str,
     vocab: int,
     ignore_index: int,
 ) -> tuple[Tensor, Tensor]:
-    """Shared validation of (targets, weights) against [..., V] logits or [..., d] hidden.
+    """Validation of (targets, weights) against the leading dimensions ``lead`` of
+    ``[..., V]`` logits or ``[..., d]`` hidden states (``ref``, named ``ref_name``).
 
     Returns flat (targets, weights) with the weight of every row whose target is
     ignore_index set to 0, so that the kernels skip those rows like any other of weight 0.
     """
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
-    targets = _tensor(targets, "targets")
-    weights = _tensor(weights, "weights")
-    _same_device(targets, "targets", device_ref, "logits")
-    _same_device(weights, "weights", device_ref, "logits")
-    lead = tuple(logits_shape[:-1])
-    if targets.dtype != torch.int64:
-        raise TypeError(f"targets: expected dtype int64, got {targets.dtype}")
-    if weights.dtype != torch.float32:
-        raise TypeError(f"weights: expected dtype float32, got {weights.dtype}")
-    if tuple(targets.shape) != lead:
-        raise ValueError(f"targets: expected shape {lead}, got {tuple(targets.shape)}")
-    if tuple(weights.shape) != lead:
-        raise ValueError(f"weights: expected shape {lead}, got {tuple(weights.shape)}")
+    ignore_index = checks.integer(ignore_index, "ignore_index")
+    targets = _tensor(targets, "targets", ref, ref_name)
+    weights = _tensor(weights, "weights", ref, ref_name)
+    checks.ce_targets(lead, meta(targets, "targets"), meta(weights, "weights"))
     weights = torch.where(targets == ignore_index, torch.zeros_like(weights), weights)
     if _eager(targets) and targets.numel() > 0:
-        active = weights != 0
-        bad = active & ((targets < 0) | (targets >= vocab))
-        if bool(bad.any()):
-            raise ValueError(
-                f"targets: values must lie in [0, {vocab}) where weights != 0 "
-                f"(or equal ignore_index={ignore_index})"
-            )
-        if not bool(torch.isfinite(weights).all()):
-            raise ValueError("weights: must be finite")
+        bad = (weights != 0) & ((targets < 0) | (targets >= vocab))
+        finite = torch.isfinite(weights).all()
+        checks.ce_values(bool(bad.any()), bool(finite), vocab, ignore_index)
     return targets.reshape(-1), weights.reshape(-1)
 
 
@@ -133,11 +115,6 @@ def _reduce(loss: Tensor, weights: Tensor, lead: tuple, reduction: str) -> Tenso
     if reduction == "sum":
         return total
     return total / (weights != 0).sum().clamp_min(1).to(total.dtype)
-
-
-def _check_reduction(reduction: str) -> None:
-    if reduction not in ("sum", "mean", "none"):
-        raise ValueError(f"reduction: expected 'sum', 'mean' or 'none', got {reduction!r}")
 
 
 def masked_cross_entropy(
@@ -176,15 +153,10 @@ def masked_cross_entropy(
         The loss; differentiable w.r.t. logits.
     """
     logits = _tensor(logits, "logits")
-    _check_reduction(reduction)
-    if logits.dim() < 1:
-        raise ValueError("logits: expected at least 1 dimension [..., V]")
-    _dtype_in(logits, "logits", _LOGIT_DTYPES[logits.device.type], "device")
-    V = logits.shape[-1]
-    if V == 0:
-        raise ValueError("logits: the vocabulary dimension must be > 0")
-    t, w = _check_ce_targets(logits.shape, targets, weights, logits, V, ignore_index)
+    checks.reduction(reduction)
+    V = checks.logits_vocab(meta(logits, "logits"), logits.device.type)
     lead = tuple(logits.shape[:-1])
+    t, w = _check_ce_targets(lead, targets, weights, logits, "logits", V, ignore_index)
     loss, _ = _masked_ce_fwd(_inner_contiguous(logits).reshape(-1, V), t, w)
     return _reduce(loss, w, lead, reduction)
 
@@ -326,26 +298,12 @@ def linear_masked_cross_entropy(
         float32 loss; differentiable w.r.t. hidden and weight.
     """
     hidden = _tensor(hidden, "hidden")
-    weight = _tensor(weight, "weight")
-    _check_reduction(reduction)
-    _same_device(weight, "weight", hidden, "hidden")
-    if hidden.dim() < 1:
-        raise ValueError("hidden: expected at least 1 dimension [..., d]")
-    if weight.dim() != 2:
-        raise ValueError(f"weight: expected shape [V, d], got {tuple(weight.shape)}")
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"weight: inner size {weight.shape[1]} does not match hidden's "
-            f"last dimension {hidden.shape[-1]}"
-        )
-    if weight.shape[0] == 0:
-        raise ValueError("weight: the vocabulary dimension must be > 0")
-    _dtype_in(hidden, "hidden", _LOGIT_DTYPES[hidden.device.type], "device")
-    _dtype_in(weight, "weight", _LOGIT_DTYPES[hidden.device.type], "device")
-    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 0:
-        raise ValueError(f"chunk_rows: expected an int >= 0, got {chunk_rows!r}")
-    V = weight.shape[0]
-    t, w = _check_ce_targets(hidden.shape, targets, weights, hidden, V, ignore_index)
+    weight = _tensor(weight, "weight", hidden, "hidden")
+    checks.reduction(reduction)
+    V = checks.lm_head(meta(hidden, "hidden"), meta(weight, "weight"), hidden.device.type)
+    chunk_rows = checks.chunk_rows(chunk_rows)
+    lead = tuple(hidden.shape[:-1])
+    t, w = _check_ce_targets(lead, targets, weights, hidden, "hidden", V, ignore_index)
     if hidden.dtype != weight.dtype:
         dev = hidden.device.type
         if torch.is_autocast_enabled(dev):
@@ -353,7 +311,6 @@ def linear_masked_cross_entropy(
         else:
             dtype = torch.promote_types(hidden.dtype, weight.dtype)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
-    lead = tuple(hidden.shape[:-1])
     h2 = hidden.reshape(math.prod(lead), hidden.shape[-1])  # d may be 0: logits are then 0
     loss, _ = _linear_ce_fwd(h2, weight, t, w, chunk_rows)
     return _reduce(loss, w, lead, reduction)

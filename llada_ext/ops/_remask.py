@@ -9,173 +9,91 @@ from torch import Tensor
 
 from .. import _C
 from .._views import opt_view, stream_of, view
-from ._common import (
-    _INT_DTYPES,
-    _LOGIT_DTYPES,
-    REMASK_STRATEGIES,
-    _dtype_in,
-    _eager,
-    _finite,
-    _has_internal_overlap,
-    _inner_contiguous,
-    _same_device,
-    _tensor,
-)
+from . import _checks as checks
+from ._checks import RemaskScalars, meta
+from ._common import _eager, _has_internal_overlap, _inner_contiguous, _tensor, _workspace
 
 # ---------------------------------------------------------------------------------------
 # remask
 # ---------------------------------------------------------------------------------------
 
-
-@torch.library.custom_op("llada_ext::remask", mutates_args=())
-def _remask(
-    logits: Tensor,
-    x: Tensor,
-    num_transfer: Tensor,
-    uncond_logits: Optional[Tensor],
-    mask_id: int,
-    offset: int,
-    strategy: int,
-    temperature: float,
-    has_threshold: bool,
-    threshold: float,
-    cfg_scale: float,
-    seed: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    x_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    x0, conf = _remask_into(
-        logits,
-        x,
-        x_out,
-        num_transfer,
-        uncond_logits,
-        mask_id,
-        offset,
-        strategy,
-        temperature,
-        has_threshold,
-        threshold,
-        cfg_scale,
-        seed,
-    )
-    return x_out, x0, conf
-
-
-@_remask.register_fake
-def _(
-    logits,
-    x,
-    num_transfer,
-    uncond_logits,
-    mask_id,
-    offset,
-    strategy,
-    temperature,
-    has_threshold,
-    threshold,
-    cfg_scale,
-    seed,
-):
-    B, W = logits.shape[0], logits.shape[1]
-    return (
-        torch.empty_like(x),
-        x.new_empty((B, W)),
-        logits.new_empty((B, W), dtype=torch.float32),
-    )
-
-
-@torch.library.custom_op("llada_ext::remask_", mutates_args=("x",))
-def _remask_inplace(
-    logits: Tensor,
-    x: Tensor,
-    num_transfer: Tensor,
-    uncond_logits: Optional[Tensor],
-    mask_id: int,
-    offset: int,
-    strategy: int,
-    temperature: float,
-    has_threshold: bool,
-    threshold: float,
-    cfg_scale: float,
-    seed: int,
-) -> tuple[Tensor, Tensor]:
-    return _remask_into(
-        logits,
-        x,
-        x,
-        num_transfer,
-        uncond_logits,
-        mask_id,
-        offset,
-        strategy,
-        temperature,
-        has_threshold,
-        threshold,
-        cfg_scale,
-        seed,
-    )
-
-
-@_remask_inplace.register_fake
-def _(
-    logits,
-    x,
-    num_transfer,
-    uncond_logits,
-    mask_id,
-    offset,
-    strategy,
-    temperature,
-    has_threshold,
-    threshold,
-    cfg_scale,
-    seed,
-):
-    B, W = logits.shape[0], logits.shape[1]
-    return x.new_empty((B, W)), logits.new_empty((B, W), dtype=torch.float32)
+# The arguments of both remask ops: the arrays, the fields of RemaskScalars, the Philox seed.
+# remask_ writes x in place (the alias annotation "(a!)").
+_REMASK_ARGS = (
+    "Tensor logits, Tensor{x_alias} x, Tensor num_transfer, Tensor? uncond_logits, "
+    "int mask_id, int offset, int strategy, float temperature, bool has_threshold, "
+    "float threshold, float cfg_scale, int seed"
+)
 
 
 def _remask_into(
-    logits,
-    x,
-    x_out,
-    num_transfer,
-    uncond_logits,
-    mask_id,
-    offset,
-    strategy,
-    temperature,
-    has_threshold,
-    threshold,
-    cfg_scale,
-    seed,
-):
+    logits: Tensor,
+    x: Tensor,
+    x_out: Tensor,
+    num_transfer: Tensor,
+    uncond_logits: Optional[Tensor],
+    *params: object,
+) -> tuple[Tensor, Tensor]:
+    """Runs the kernel, writing the new sequence into ``x_out`` (which may be ``x``);
+    ``params`` are the fields of :class:`RemaskScalars` and the seed. Returns (x0, conf)."""
+    *scalars, seed = params
     B, W = logits.shape[0], logits.shape[1]
     x0 = torch.empty((B, W), dtype=torch.int64, device=x.device)
     conf = torch.empty((B, W), dtype=torch.float32, device=x.device)
     ws_bytes = _C.remask_workspace_size(view(logits), view(x))
-    ws = torch.empty(ws_bytes, dtype=torch.uint8, device=x.device) if ws_bytes else None
+    ws, ws_ptr = _workspace(ws_bytes, x.device)
     _C.remask(
         view(logits),
         opt_view(uncond_logits),
         view(x),
         view(num_transfer),
-        mask_id,
-        offset,
-        strategy,
-        has_threshold,
-        threshold,
-        temperature,
-        cfg_scale,
-        seed & ((1 << 64) - 1),
+        *RemaskScalars(*scalars).c_args(seed),
         view(x_out),
         view(x0),
         view(conf),
-        ws.data_ptr() if ws is not None else 0,
+        ws_ptr,
         ws_bytes,
         stream_of(x),
     )
     return x0, conf
+
+
+def _remask_new_x(logits: Tensor, x: Tensor, *args: object) -> tuple[Tensor, Tensor, Tensor]:
+    x_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return (x_out, *_remask_into(logits, x, x_out, *args))
+
+
+def _remask_x_in_place(logits: Tensor, x: Tensor, *args: object) -> tuple[Tensor, Tensor]:
+    return _remask_into(logits, x, x, *args)
+
+
+_remask = torch.library.custom_op(
+    "llada_ext::remask",
+    _remask_new_x,
+    mutates_args=(),
+    schema=f"({_REMASK_ARGS.format(x_alias='')}) -> (Tensor, Tensor, Tensor)",
+)
+_remask_inplace = torch.library.custom_op(
+    "llada_ext::remask_",
+    _remask_x_in_place,
+    mutates_args=("x",),
+    schema=f"({_REMASK_ARGS.format(x_alias='(a!)')}) -> (Tensor, Tensor)",
+)
+
+
+def _fake_details(logits: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    B, W = logits.shape[0], logits.shape[1]
+    return x.new_empty((B, W)), logits.new_empty((B, W), dtype=torch.float32)
+
+
+@_remask.register_fake
+def _(logits, x, *args):
+    return (torch.empty_like(x), *_fake_details(logits, x))
+
+
+@_remask_inplace.register_fake
+def _(logits, x, *args):
+    return _fake_details(logits, x)
 
 
 def _draw_seed(generator: Optional[torch.Generator]) -> int:
@@ -199,6 +117,20 @@ def _draw_seed(generator: Optional[torch.Generator]) -> int:
     return seed
 
 
+def _num_transfer(num_transfer: object, B: int, W: int, logits: Tensor) -> Tensor:
+    """num_transfer as int64 ``[B]`` on logits' device."""
+    count = checks.num_transfer_count(num_transfer, W, isinstance(num_transfer, Tensor))
+    if count is not None:
+        return torch.full((B,), count, dtype=torch.int64, device=logits.device)
+    nt = _tensor(num_transfer, "num_transfer", logits, "logits")
+    if checks.num_transfer_array(meta(nt, "num_transfer"), B):
+        nt = nt.expand(B)
+    nt = nt.to(torch.int64)
+    if _eager(nt) and B > 0:
+        checks.num_transfer_values(bool((nt < 0).any()))
+    return nt
+
+
 def _remask_args(
     logits,
     x,
@@ -211,91 +143,35 @@ def _remask_args(
     generator,
     uncond_logits,
     cfg_scale,
-):
+) -> tuple:
+    """The checked arguments of the remask ops, in their schema's order."""
     logits = _tensor(logits, "logits")
-    x = _tensor(x, "x")
-    if logits.dim() != 3:
-        raise ValueError(
-            f"logits: expected 3 dimensions [B, W, V], got shape {tuple(logits.shape)}"
-        )
-    _dtype_in(logits, "logits", _LOGIT_DTYPES[logits.device.type], "device")
-    B, W, V = logits.shape
-    if V == 0:
-        raise ValueError("logits: the vocabulary dimension must be > 0")
-    _same_device(x, "x", logits, "logits")
-    if x.dtype != torch.int64:
-        raise TypeError(f"x: expected dtype int64, got {x.dtype}")
-    if x.dim() != 2 or x.shape[0] != B:
-        raise ValueError(f"x: expected shape [{B}, L], got {tuple(x.shape)}")
-    if isinstance(offset, bool) or not isinstance(offset, int):
-        raise TypeError(f"offset: expected an int, got {type(offset).__name__}")
-    if offset < 0 or offset + W > x.shape[1]:
-        raise ValueError(
-            f"offset: the window [{offset}, {offset + W}) does not fit in x of length {x.shape[1]}"
-        )
-    if isinstance(mask_id, bool) or not isinstance(mask_id, int):
-        raise TypeError(f"mask_id: expected an int, got {type(mask_id).__name__}")
-    if not -(2**63) <= mask_id < 2**63:
-        raise ValueError(f"mask_id: {mask_id} is not an int64 token id")
-    if not isinstance(strategy, str) or strategy not in REMASK_STRATEGIES:
-        raise ValueError(f"strategy: expected one of {sorted(REMASK_STRATEGIES)}, got {strategy!r}")
-    temperature = _finite(temperature, "temperature")
-    if temperature < 0:
-        raise ValueError(f"temperature: must be >= 0, got {temperature}")
-    has_threshold = threshold is not None
-    threshold = _finite(threshold, "threshold") if has_threshold else 0.0
-    cfg_scale = _finite(cfg_scale, "cfg_scale")
+    x = _tensor(x, "x", logits, "logits")
     if uncond_logits is not None:
-        uncond_logits = _tensor(uncond_logits, "uncond_logits")
-        _same_device(uncond_logits, "uncond_logits", logits, "logits")
-        if uncond_logits.shape != logits.shape or uncond_logits.dtype != logits.dtype:
-            raise ValueError(
-                f"uncond_logits: expected shape {tuple(logits.shape)} and dtype "
-                f"{logits.dtype}, got {tuple(uncond_logits.shape)} "
-                f"{uncond_logits.dtype}"
-            )
-        uncond_logits = _inner_contiguous(uncond_logits)
-    if isinstance(num_transfer, Tensor):
-        _same_device(num_transfer, "num_transfer", logits, "logits")
-        if num_transfer.dtype not in _INT_DTYPES:
-            raise TypeError(f"num_transfer: expected an integer tensor, got {num_transfer.dtype}")
-        if num_transfer.dim() == 0:
-            num_transfer = num_transfer.expand(B)
-        if tuple(num_transfer.shape) != (B,):
-            raise ValueError(f"num_transfer: expected shape [{B}], got {tuple(num_transfer.shape)}")
-        num_transfer = num_transfer.to(torch.int64)
-        if _eager(num_transfer) and B > 0 and bool((num_transfer < 0).any()):
-            raise ValueError("num_transfer: values must be >= 0")
-    elif isinstance(num_transfer, int) and not isinstance(num_transfer, bool):
-        if num_transfer < 0:
-            raise ValueError(f"num_transfer: must be >= 0, got {num_transfer}")
-        # More than W means every candidate (a row has at most W): any int is accepted.
-        num_transfer = torch.full(
-            (B,), min(num_transfer, W), dtype=torch.int64, device=logits.device
-        )
-    else:
-        raise TypeError(
-            f"num_transfer: expected an int or an integer tensor [B], "
-            f"got {type(num_transfer).__name__}"
-        )
+        uncond_logits = _tensor(uncond_logits, "uncond_logits", logits, "logits")
+    B, W, V, L = checks.remask_arrays(
+        meta(logits, "logits"),
+        meta(x, "x"),
+        None if uncond_logits is None else meta(uncond_logits, "uncond_logits"),
+        logits.device.type,
+    )
+    scalars = checks.remask_scalars(
+        mask_id=mask_id,
+        offset=offset,
+        strategy=strategy,
+        temperature=temperature,
+        threshold=threshold,
+        cfg_scale=cfg_scale,
+        W=W,
+        L=L,
+    )
+    num_transfer = _num_transfer(num_transfer, B, W, logits)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
-    needs_random = temperature > 0 or strategy == "random"
-    seed = _draw_seed(generator) if needs_random else 0
-    return (
-        _inner_contiguous(logits),
-        x,
-        num_transfer,
-        uncond_logits,
-        mask_id,
-        offset,
-        REMASK_STRATEGIES[strategy],
-        temperature,
-        has_threshold,
-        threshold,
-        cfg_scale,
-        seed,
-    )
+    seed = _draw_seed(generator) if scalars.needs_seed else 0
+    if uncond_logits is not None:
+        uncond_logits = _inner_contiguous(uncond_logits)
+    return (_inner_contiguous(logits), x, num_transfer, uncond_logits, *scalars, seed)
 
 
 def remask(
@@ -391,8 +267,19 @@ def remask_(
 ) -> Union[Tensor, tuple[Tensor, Tensor, Tensor]]:
     """In-place twin of :func:`remask`: updates and returns ``x`` itself.
 
-    ``x`` must own its elements: rows that share memory (``expand``, zero strides) raise a
-    ValueError naming ``x``, as torch does for in-place ops on expanded tensors.
+    Parameters
+    ----------
+    x : Tensor
+        int64 ``[B, L]``, updated in place. It must own its elements: rows that share memory
+        (``expand``, zero strides) raise a ValueError naming ``x``, as torch does for in-place
+        ops on expanded tensors.
+    logits, num_transfer, mask_id, offset, strategy, temperature, threshold, generator
+        As in :func:`remask`, and so are ``uncond_logits``, ``cfg_scale``, ``return_details``.
+
+    Returns
+    -------
+    Tensor or (Tensor, Tensor, Tensor)
+        ``x`` itself, and the details (``x0``, ``confidence``) when asked.
     """
     if isinstance(x, Tensor) and x.dim() == 2 and _has_internal_overlap(x):
         raise ValueError(
