@@ -54,3 +54,125 @@ def demo_run(tmp_path_factory) -> DemoRun:
     proc = subprocess.run([*exe, "demo"], cwd=cwd, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return DemoRun(cwd, cwd / "runs" / "demo", proc.stdout, exe)
+
+
+# --------------------------------------------------------------------------------------------
+# Training, CLI and shard tests: torch thread count, comparing weights
+# --------------------------------------------------------------------------------------------
+class TorchThreads:
+    """``with TorchThreads(n):`` runs the block with ``n`` torch threads, then restores the
+    previous count."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.previous = None
+
+    def __enter__(self) -> "TorchThreads":
+        self.previous = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.set_num_threads(self.previous)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny matrices run fastest on one thread, and OpenMP
+    threads spin-waiting on a shared CPU slow them down many times over."""
+    with TorchThreads(1):
+        yield
+
+
+def assert_same_tensors(got: dict, want: dict, **tolerance) -> None:
+    """``got`` and ``want`` hold the same names and tensors: bitwise equal, or with ``rtol`` /
+    ``atol`` given, equal within :func:`torch.testing.assert_close` tolerances."""
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        if tolerance:
+            torch.testing.assert_close(got[name], value, **tolerance)
+        else:
+            assert torch.equal(got[name], value), name
+
+
+# --------------------------------------------------------------------------------------------
+# Model, checkpoint and model-folder tests: small LLaDA configs and models
+# --------------------------------------------------------------------------------------------
+def llada_config(**fields) -> lx.LLaDAConfig:
+    """A small :class:`llada_ext.LLaDAConfig` whose special ids sit at the top of its
+    ``vocab_size`` V: MASK V-1, EOS and padding V-2, BOS V-3, EoT V-4 (fields given win)."""
+    v = fields["vocab_size"]
+    ids = dict(mask_token_id=v - 1, eos_token_id=v - 2, pad_token_id=v - 2, bos_token_id=v - 3)
+    return lx.LLaDAConfig(**{**ids, "eot_token_id": v - 4, **fields})
+
+
+def vary_norm_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """Draw the RMSNorm weights (the only 1-D parameters) from U(0.5, 1.5) instead of
+    leaving them at 1, so that tests see them; returns ``model``."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Sampler and likelihood tests: tiny random LLaDA models, left-padded prompt batches
+# --------------------------------------------------------------------------------------------
+def tiny_llada(
+    backend: str = "torch",
+    *,
+    seed: int = 0,
+    vocab: int = 61,
+    n_layers: int = 2,
+    mlp_hidden_size: int = 48,
+    max_sequence_length: int = 128,
+) -> lx.LLaDAModel:
+    """A random LLaDA in eval mode drawn after ``torch.manual_seed(seed)``: d_model 32, 4 heads,
+    2 KV heads, weights of std 0.3 (so predictions differ between positions), special ids as
+    :func:`llada_config` places them and no EoT id."""
+    torch.manual_seed(seed)
+    cfg = llada_config(
+        d_model=32,
+        n_layers=n_layers,
+        n_heads=4,
+        n_kv_heads=2,
+        mlp_hidden_size=mlp_hidden_size,
+        vocab_size=vocab,
+        max_sequence_length=max_sequence_length,
+        rope_theta=10000.0,
+        eot_token_id=None,
+        initializer_range=0.3,
+    )
+    return lx.LLaDAModel(cfg, backend=backend).eval()
+
+
+def left_padded_batch(model, lens=(5, 3, 7), seed=1):
+    """Random prompts of lengths ``lens`` (ids below ``vocab_size - 3``, so never special),
+    right-aligned: ids int64 [B, max(lens)] padded with the pad id, and the attention mask
+    int64 [B, max(lens)] (1 on real tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    plen = max(lens)
+    ids = torch.full((len(lens), plen), model.config.pad_token_id)
+    mask = torch.zeros(len(lens), plen, dtype=torch.long)
+    for r, n in enumerate(lens):
+        ids[r, plen - n :] = torch.randint(0, model.config.vocab_size - 3, (n,), generator=g)
+        mask[r, plen - n :] = 1
+    return ids, mask
+
+
+class LogitsOnly(torch.nn.Module):
+    """A model seen only through ``forward(ids, attention_mask).logits``, ``.config`` and
+    ``.device``, as a Hugging Face model is: no ``forward_hidden`` or ``lm_head``."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.config = inner.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    def forward(self, ids, attention_mask=None):
+        return self.inner(ids, attention_mask=attention_mask)

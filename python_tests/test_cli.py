@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TorchThreads
 
 import llada_ext
 from llada_ext.cli import main
@@ -32,31 +33,40 @@ SMALL = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: one thread is fastest and avoids OpenMP spin-waits on a shared CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# one torch thread per test (conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture
-def small_config(tmp_path):
-    path = tmp_path / "small.json"
+def write_small_config(path: Path) -> Path:
+    """The ``SMALL`` architecture as a config.json file at ``path``."""
     path.write_text(json.dumps(SMALL))
     return path
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.jsonl"
+def write_corpus(path: Path) -> Path:
+    """A JSONL file of 20 short documents at ``path``."""
     lines = [
         json.dumps({"text": f"the {w} sat on the mat number {i}."})
         for i, w in enumerate(["cat", "dog", "bird", "fox", "owl"] * 4)
     ]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def train_argv(command: str, data: Path, out: Path, *options: str) -> list[str]:
+    """``train`` / ``sft`` on ``data`` into ``out`` on the CPU without a progress bar."""
+    quiet = ("--no-progress", "--device", "cpu")
+    return [command, "--data", str(data), "--out", str(out), *options, *quiet]
+
+
+@pytest.fixture
+def small_config(tmp_path):
+    return write_small_config(tmp_path / "small.json")
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_corpus(tmp_path / "corpus.jsonl")
 
 
 def test_help_for_every_command(capsys) -> None:
@@ -158,26 +168,13 @@ def test_user_errors_are_plain_lines(tmp_path, small_config, capsys) -> None:
 
 def test_train_resume_sample_loglik(tmp_path, small_config, corpus, capsys) -> None:
     out = tmp_path / "run"
-    base = [
+    base = train_argv(
         "train",
-        "--data",
-        str(corpus),
-        "--model-config",
-        str(small_config),
-        "--out",
-        str(out),
-        "--seq-len",
-        "24",
-        "--batch-size",
-        "2",
-        "--warmup-steps",
-        "1",
-        "--no-progress",
-        "--device",
-        "cpu",
-        "--seed",
-        "3",
-    ]
+        corpus,
+        out,
+        *("--model-config", str(small_config), "--seq-len", "24", "--batch-size", "2"),
+        *("--warmup-steps", "1", "--seed", "3"),
+    )
     assert main(base + ["--steps", "3"]) == 0
     text = capsys.readouterr().out
     assert "step 3/3" in text
@@ -191,54 +188,17 @@ def test_train_resume_sample_loglik(tmp_path, small_config, corpus, capsys) -> N
     model = LLaDAModel.from_pretrained(out)
     assert model.config.d_model == 32
 
-    assert (
-        main(
-            [
-                "sample",
-                "--model",
-                str(out),
-                "--prompt",
-                "the cat",
-                "--prompt",
-                "a",
-                "--gen-length",
-                "8",
-                "--steps",
-                "4",
-                "--block-length",
-                "4",
-                "--device",
-                "cpu",
-                "--json",
-            ]
-        )
-        == 0
-    )
+    sample = ["sample", "--model", str(out), "--prompt", "the cat", "--prompt", "a", "--json"]
+    sample += ["--gen-length", "8", "--steps", "4", "--block-length", "4", "--device", "cpu"]
+    assert main(sample) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2
     rec = json.loads(lines[0])
     assert rec["prompt"] == "the cat" and isinstance(rec["answer"], str)
 
-    assert (
-        main(
-            [
-                "loglik",
-                "--model",
-                str(out),
-                "--prompt",
-                "the cat",
-                "--answer",
-                " sat",
-                "--mc-num",
-                "4",
-                "--batch-size",
-                "2",
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    loglik = ["loglik", "--model", str(out), "--prompt", "the cat", "--answer", " sat"]
+    loglik += ["--mc-num", "4", "--batch-size", "2", "--device", "cpu"]
+    assert main(loglik) == 0
     ll = float(capsys.readouterr().out.strip())
     assert ll < 0.0
 
@@ -249,48 +209,23 @@ def test_sft_command(tmp_path, small_config, capsys) -> None:
         "\n".join(json.dumps({"prompt": f"q{i} ", "response": f"a{i}"}) for i in range(9)) + "\n"
     )
     out = tmp_path / "sft"
-    argv = [
+    argv = train_argv(
         "sft",
-        "--data",
-        str(data),
-        "--model-config",
-        str(small_config),
-        "--out",
-        str(out),
-        "--seq-len",
-        "12",
-        "--batch-size",
-        "3",
-        "--steps",
-        "2",
-        "--warmup-steps",
-        "1",
-        "--no-progress",
-        "--device",
-        "cpu",
-    ]
+        data,
+        out,
+        *("--model-config", str(small_config), "--seq-len", "12", "--batch-size", "3"),
+        *("--steps", "2", "--warmup-steps", "1"),
+    )
     assert main(argv) == 0
     assert "sft:" in capsys.readouterr().out
     # Continue from the pre-trained weights of the first run.
     out2 = tmp_path / "sft2"
-    argv2 = [
+    argv2 = train_argv(
         "sft",
-        "--data",
-        str(data),
-        "--init-from",
-        str(out),
-        "--out",
-        str(out2),
-        "--seq-len",
-        "12",
-        "--batch-size",
-        "3",
-        "--steps",
-        "1",
-        "--no-progress",
-        "--device",
-        "cpu",
-    ]
+        data,
+        out2,
+        *("--init-from", str(out), "--seq-len", "12", "--batch-size", "3", "--steps", "1"),
+    )
     assert main(argv2) == 0
     assert (out2 / "model.safetensors").is_file()
 
@@ -338,41 +273,17 @@ SPEED_KEYS = (
 def trained(tmp_path_factory):
     """Folder of a tiny byte-level model trained for a few steps (saved once per module)."""
     root = tmp_path_factory.mktemp("trained")
-    (root / "small.json").write_text(json.dumps(SMALL))
-    lines = [
-        json.dumps({"text": f"the {w} sat on the mat number {i}."})
-        for i, w in enumerate(["cat", "dog", "bird", "fox", "owl"] * 4)
-    ]
-    (root / "corpus.jsonl").write_text("\n".join(lines) + "\n")
     out = root / "run"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        argv = [
-            "train",
-            "--data",
-            str(root / "corpus.jsonl"),
-            "--model-config",
-            str(root / "small.json"),
-            "--out",
-            str(out),
-            "--seq-len",
-            "24",
-            "--batch-size",
-            "4",
-            "--steps",
-            "120",  # enough for answers that depend on the prompt
-            "--warmup-steps",
-            "1",
-            "--lr",
-            "3e-3",
-            "--no-progress",
-            "--device",
-            "cpu",
-        ]
+    argv = train_argv(
+        "train",
+        write_corpus(root / "corpus.jsonl"),
+        out,
+        *("--model-config", str(write_small_config(root / "small.json"))),
+        *("--seq-len", "24", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "1"),
+        *("--steps", "120"),  # enough for answers that depend on the prompt
+    )
+    with TorchThreads(1):
         assert main(argv) == 0
-    finally:
-        torch.set_num_threads(n)
     return str(out)
 
 

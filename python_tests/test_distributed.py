@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import assert_same_tensors
 
 import llada_ext  # noqa: F401  (loads the kernels)
 from llada_ext.model import LLaDAModel
@@ -159,9 +160,7 @@ def test_two_ranks_match_single_process(tmp_path, fsdp, backend) -> None:
     assert all(r["world"] == 2 for r in ranks)
     r0, r1 = ranks
     # Every rank holds the same parameters (bitwise: DDP/FSDP apply the same update).
-    assert r0["params"].keys() == r1["params"].keys()
-    for k in r0["params"]:
-        assert torch.equal(r0["params"][k], r1["params"][k]), k
+    assert_same_tensors(r1["params"], r0["params"])
     assert r0["losses"] == r1["losses"]
 
     losses, params = _single_process(tmp_path / "single", backend, fsdp)
@@ -171,8 +170,7 @@ def test_two_ranks_match_single_process(tmp_path, fsdp, backend) -> None:
     torch.testing.assert_close(
         torch.tensor(r0["losses"]), torch.tensor(losses), rtol=1e-5, atol=1e-6
     )
-    for k, v in params.items():
-        torch.testing.assert_close(r0["params"][k], v, rtol=1e-4, atol=1e-5)
+    assert_same_tensors(r0["params"], params, rtol=1e-4, atol=1e-5)
     ckpts = sorted(p.name for p in (tmp_path / "dist" / "checkpoints").iterdir())
     if fsdp:  # one distributed checkpoint folder, a shard per rank (test_distributed_checkpoint)
         assert ckpts == ["step-00000003.dcp"]

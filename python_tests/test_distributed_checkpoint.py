@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import TorchThreads, assert_same_tensors
 from test_distributed import ROOT, _free_port, rank_env, wait_ranks
 
 from llada_ext.cli import main
@@ -108,12 +109,9 @@ def _run(out: Path, world: int, grad_accum: int, resume: str = "-", keep_last: i
 def _run_here(out: Path, grad_accum: int, resume: str, keep_last: int = 0) -> dict:
     """The same worker, as a single process inside this one (no process group)."""
     ns: dict = {"__name__": "worker"}
-    exec(WORKER, ns)
-    n = torch.get_num_threads()
-    try:
+    with TorchThreads(1):  # the worker sets one thread; this process gets its count back
+        exec(WORKER, ns)
         ns["run"](str(out), grad_accum, resume, keep_last)
-    finally:
-        torch.set_num_threads(n)
     return torch.load(out / "result.pt", weights_only=True)
 
 
@@ -127,12 +125,8 @@ def reference(tmp_path_factory) -> tuple[Path, dict]:
 
 
 def _compare(result: dict, ref: dict, *, bitwise: bool) -> None:
-    assert result["params"].keys() == ref["params"].keys()
-    for k, v in ref["params"].items():
-        if bitwise:
-            assert torch.equal(result["params"][k], v), k
-        else:
-            torch.testing.assert_close(result["params"][k], v, rtol=1e-5, atol=1e-6)
+    tolerance = {} if bitwise else {"rtol": 1e-5, "atol": 1e-6}
+    assert_same_tensors(result["params"], ref["params"], **tolerance)
     torch.testing.assert_close(
         torch.tensor(result["losses"]), torch.tensor(ref["losses"][2:]), rtol=1e-5, atol=1e-6
     )
@@ -264,8 +258,7 @@ def test_export_round_trips_bit_exactly(reference, tmp_path, capsys):
     assert "model.safetensors.index.json" in names and "generation_config.json" in names
     assert sum(n.endswith(".safetensors") for n in names) > 1
     model = LLaDAModel.from_pretrained(dest, backend="torch")
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, ref["params"][k]), k
+    assert_same_tensors(model.state_dict(), ref["params"])
 
     single = tmp_path / "single"
     _run_here(single, 6, str(out / "checkpoints" / "step-00000002.dcp"))

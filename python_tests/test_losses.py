@@ -34,13 +34,8 @@ from llada_ext.training.schedule import make_wsd_scheduler, wsd_factor
 MASK = 33
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: one thread is fastest and avoids OpenMP spin-waits on a shared CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# one torch thread per test (conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_config() -> LLaDAConfig:
@@ -79,15 +74,21 @@ def ref_logits64(model: LLaDAModel, noisy: torch.Tensor) -> torch.Tensor:
     return m(noisy).logits
 
 
+def ref_ce64(model, ids, masked) -> torch.Tensor:
+    """float64 cross-entropy ``[B, L]`` of every position, ``masked`` replaced by the mask."""
+    B, L = ids.shape
+    noisy = torch.where(masked, torch.full_like(ids, MASK), ids)
+    return F.cross_entropy(
+        ref_logits64(model, noisy).reshape(B * L, -1), ids.reshape(-1), reduction="none"
+    ).reshape(B, L)
+
+
 def ref_pretrain(model, ids, noise, eps=EPS) -> torch.Tensor:
     """sum_masked CE / p_mask / (B * L), float64, straight from Alg. 1."""
     B, L = ids.shape
     p = (1 - eps) * noise.t.double() + eps
     masked = noise.u.double() < p[:, None]
-    noisy = torch.where(masked, torch.full_like(ids, MASK), ids)
-    ce = F.cross_entropy(
-        ref_logits64(model, noisy).reshape(B * L, -1), ids.reshape(-1), reduction="none"
-    ).reshape(B, L)
+    ce = ref_ce64(model, ids, masked)
     total = torch.zeros((), dtype=torch.float64)
     for b in range(B):
         for i in range(L):
@@ -104,10 +105,7 @@ def ref_sft(model, ids, plen, noise, eps=EPS) -> torch.Tensor:
     for b in range(B):
         for i in range(int(plen[b]), L):
             masked[b, i] = bool(noise.u[b, i].double() < p[b])
-    noisy = torch.where(masked, torch.full_like(ids, MASK), ids)
-    ce = F.cross_entropy(
-        ref_logits64(model, noisy).reshape(B * L, -1), ids.reshape(-1), reduction="none"
-    ).reshape(B, L)
+    ce = ref_ce64(model, ids, masked)
     total = torch.zeros((), dtype=torch.float64)
     for b in range(B):
         ans = L - int(plen[b])

@@ -38,12 +38,8 @@ TOK = ByteTokenizer()
 DEMO = Path(llada_ext.__file__).parent / "data" / "demo_train.jsonl"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# one torch thread per test (conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

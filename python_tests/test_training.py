@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_tensors
 
 import llada_ext  # noqa: F401  (loads the kernels)
 from llada_ext import demo
@@ -43,13 +44,8 @@ from llada_ext.training.trainer import TrainConfig, Trainer, param_groups
 TOK = ByteTokenizer()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: one thread is fastest and avoids OpenMP spin-waits on a shared CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# one torch thread per test (conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def micro_config() -> LLaDAConfig:
@@ -71,20 +67,22 @@ def make_trainer(out, *, backend="kernels", steps=6, sft=False, **kw) -> Trainer
     model = LLaDAModel(micro_config(), backend=backend)
     cfg = dict(
         objective="sft" if sft else "pretrain",
-        out_dir=str(out),
         steps=steps,
         micro_batch_size=3,
         grad_accum=2,
         lr=3e-3,
         warmup_steps=2,
         decay_frac=0.5,
-        save_every=0,
-        progress=False,
         random_length_prob=0.3,
         seed=7,
     )
     cfg.update(kw)
-    return Trainer(model, random_dataset(sft=sft), TrainConfig(**cfg), device="cpu")
+    return Trainer(model, random_dataset(sft=sft), run_config(out, **cfg), device="cpu")
+
+
+def run_config(out, **kw) -> TrainConfig:
+    """A run into ``out`` without periodic checkpoints or a progress bar, unless ``kw`` asks."""
+    return TrainConfig(**{"out_dir": str(out), "save_every": 0, "progress": False, **kw})
 
 
 def params_of(model) -> dict[str, torch.Tensor]:
@@ -272,14 +270,13 @@ def test_resume_is_bit_for_bit(tmp_path, backend, sft) -> None:
     assert resumed.step == 3
     rb = resumed.train()
     assert rb.losses == ra.losses[3:]
-    pa, pb = params_of(straight.model), params_of(resumed.model)
-    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    pb = params_of(resumed.model)
+    assert_same_tensors(pb, params_of(straight.model))
     sa, sb = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
     # The saved model folder loads with from_pretrained and holds the trained weights.
     loaded = LLaDAModel.from_pretrained(tmp_path / "b", backend="torch")
-    pl = params_of(loaded)
-    assert all(torch.equal(pl[k], pb[k]) for k in pb)
+    assert_same_tensors(params_of(loaded), pb)
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
 
@@ -306,8 +303,7 @@ def test_keyboard_interrupt_saves_and_resume_matches(tmp_path, monkeypatch) -> N
     assert resumed.resume(tmp_path / "b")
     rc = resumed.train()
     assert rc.losses == ra.losses[4:]
-    pa, pc = params_of(straight.model), params_of(resumed.model)
-    assert all(torch.equal(pa[k], pc[k]) for k in pa)
+    assert_same_tensors(params_of(resumed.model), params_of(straight.model))
 
 
 def _dummy_batch(t: Trainer):
@@ -343,9 +339,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path) -> None:
     b = make_trainer(tmp_path / "b", backend="torch", steps=2, micro_batch_size=2, grad_accum=3)
     ra, rb = a.train(), b.train()
     np.testing.assert_allclose(ra.losses, rb.losses, rtol=1e-5)
-    pa, pb = params_of(a.model), params_of(b.model)
-    for k in pa:
-        torch.testing.assert_close(pa[k], pb[k], rtol=1e-4, atol=1e-6)
+    assert_same_tensors(params_of(b.model), params_of(a.model), rtol=1e-4, atol=1e-6)
 
 
 def test_keep_last_and_bad_settings(tmp_path) -> None:
@@ -384,17 +378,15 @@ def test_tiny_model_learns_the_demo_corpus(tmp_path) -> None:
     assert ds.seq_len == demo.DEMO_SEQ_LEN
     torch.manual_seed(0)
     model = LLaDAModel(LLaDAConfig.preset("tiny"), backend="kernels")
-    cfg = TrainConfig(
+    cfg = run_config(
+        tmp_path,
         objective="sft",
-        out_dir=str(tmp_path),
         steps=60,
         micro_batch_size=16,
         lr=2e-3,
         warmup_steps=10,
         decay_frac=0.0,
         weight_decay=0.0,
-        save_every=0,
-        progress=False,
         seed=1,
     )
     r = Trainer(model, ds, cfg, device="cpu").train()
@@ -407,15 +399,8 @@ def test_tiny_model_learns_the_demo_corpus(tmp_path) -> None:
 def test_cuda_bf16_autocast_training_steps(tmp_path) -> None:
     torch.manual_seed(0)
     model = LLaDAModel(micro_config(), backend="kernels")
-    cfg = TrainConfig(
-        objective="sft",
-        out_dir=str(tmp_path),
-        steps=3,
-        micro_batch_size=4,
-        lr=3e-3,
-        warmup_steps=1,
-        save_every=0,
-        progress=False,
+    cfg = run_config(
+        tmp_path, objective="sft", steps=3, micro_batch_size=4, lr=3e-3, warmup_steps=1
     )
     t = Trainer(model, random_dataset(sft=True), cfg, device="cuda")
     assert t.use_autocast  # "auto" precision means bf16 autocast on CUDA

@@ -60,6 +60,49 @@ def load_model(folder: str, device_name: str, dtype_name: str, backend: str) -> 
     return model.eval()
 
 
+def tokenizer_folder(args: argparse.Namespace) -> str:
+    """The tokenizer folder of ``sample`` / ``loglik``.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options (``tokenizer``, ``model``).
+
+    Returns
+    -------
+    str
+        --tokenizer, else the --model folder.
+    """
+    return args.tokenizer or args.model
+
+
+def load_saved_model(args: argparse.Namespace, settings_names: tuple[str, ...]) -> tuple:
+    """The model, tokenizer and generation settings of ``sample`` / ``loglik``.
+
+    Loads --model (with --device, --dtype, --backend), applies --threads, fills the sampler
+    settings ``settings_names`` left unset from the folder (:func:`fill_generation_defaults`)
+    and loads the tokenizer of :func:`tokenizer_folder`.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options of the sub-command.
+    settings_names : tuple of str
+        Option names whose defaults come from the model folder's generation_config.json.
+
+    Returns
+    -------
+    tuple
+        ``(model, tokenizer, settings)``, settings being the folder's generation settings.
+    """
+    from ..tokenizer import load_tokenizer
+
+    model = load_model(args.model, args.device, args.dtype, args.backend)
+    apply_threads(args.threads, model.config.d_model)
+    settings = fill_generation_defaults(args, settings_names)
+    return model, load_tokenizer(tokenizer_folder(args)), settings
+
+
 def prompt_ids(tokenizer: Any, text: str, chat: bool) -> list[int]:
     if chat:
         return list(tokenizer.apply_chat_template([{"role": "user", "content": text}]))

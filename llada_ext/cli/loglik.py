@@ -6,16 +6,8 @@ import argparse
 import json
 from typing import Any
 
-from .common import (
-    CLIError,
-    apply_threads,
-    check_threads,
-    fill_generation_defaults,
-    load_model,
-    one_line,
-    prompt_ids,
-)
-from .options import add_common_runtime, add_model_loading
+from .common import CLIError, check_threads, load_saved_model, one_line, prompt_ids
+from .options import add_common_runtime, add_model_folder, add_model_loading
 
 
 def add_parser(sub: Any) -> None:
@@ -27,7 +19,7 @@ def add_parser(sub: Any) -> None:
         "--answer, prints the estimate; with several, prints '<loglik> TAB <answer>' per "
         "answer and a TAB '*' after the most likely one.",
     )
-    p.add_argument("--model", required=True, metavar="FOLDER", help="saved model folder")
+    add_model_folder(p)
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument(
         "--answer",
@@ -75,13 +67,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..likelihood import score_choices
-    from ..tokenizer import load_tokenizer
 
     check_threads(args)
-    model = load_model(args.model, args.device, args.dtype, args.backend)
-    apply_threads(args.threads, model.config.d_model)
-    settings = fill_generation_defaults(args, ("cfg_scale",))
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    model, tokenizer, settings = load_saved_model(args, ("cfg_scale",))
     prompt = torch.tensor(prompt_ids(tokenizer, args.prompt, args.chat), dtype=torch.long)
     answers = list(args.answer)
     answer_ids = [torch.tensor(tokenizer.encode(a), dtype=torch.long) for a in answers]

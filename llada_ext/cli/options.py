@@ -11,6 +11,17 @@ from typing import Any
 MAX_TOKENS = 1 << 20
 
 
+def add_model_folder(p: argparse.ArgumentParser) -> None:
+    """Add --model, the saved model folder of ``sample`` and ``loglik``.
+
+    Parameters
+    ----------
+    p : argparse.ArgumentParser
+        The sub-command's parser.
+    """
+    p.add_argument("--model", required=True, metavar="FOLDER", help="saved model folder")
+
+
 def add_model_loading(p: argparse.ArgumentParser) -> None:
     """Options of the sub-commands that load a saved model folder."""
     p.add_argument(
@@ -23,6 +34,7 @@ def add_model_loading(p: argparse.ArgumentParser) -> None:
 
 
 def add_debug(p: Any) -> None:
+    """--debug: full tracebacks instead of one-line errors."""
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
 

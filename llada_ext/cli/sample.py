@@ -10,14 +10,13 @@ from typing import Any
 
 from .common import (
     CLIError,
-    apply_threads,
     check_threads,
-    fill_generation_defaults,
-    load_model,
+    load_saved_model,
     one_line,
     prompt_ids,
+    tokenizer_folder,
 )
-from .options import add_common_runtime, add_model_loading
+from .options import add_common_runtime, add_model_folder, add_model_loading
 
 
 def _add_prompt_options(p: argparse.ArgumentParser) -> None:
@@ -183,7 +182,7 @@ def add_parser(sub: Any) -> None:
         "given. With the default options the output is that of the public LLaDA sampler; the "
         "options under 'speed' trade exactness for speed.",
     )
-    p.add_argument("--model", required=True, metavar="FOLDER", help="saved model folder")
+    add_model_folder(p)
     _add_prompt_options(p)
     _add_generation_settings(p)
     _add_speed_options(p)
@@ -399,22 +398,16 @@ def _sample_batches(
 
 def run(args: argparse.Namespace) -> int:
     """``llada-ext sample``."""
-    from ..tokenizer import load_tokenizer
-
     check_threads(args)
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     options = _sampler_options(args)  # checked before the (possibly slow) model load
     prompts = _collect_prompts(args)
-    model = load_model(args.model, args.device, args.dtype, args.backend)
-    apply_threads(args.threads, model.config.d_model)
-    settings = fill_generation_defaults(
+    model, tokenizer, settings = load_saved_model(
         args, ("gen_length", "steps", "block_length", "temperature", "cfg_scale", "remasking")
     )
-    tok_folder = args.tokenizer or args.model
-    tokenizer = load_tokenizer(tok_folder)
     _end_token_options(options, tokenizer, model)
-    chat = _chat_enabled(args.chat, tokenizer, tok_folder)
+    chat = _chat_enabled(args.chat, tokenizer, tokenizer_folder(args))
     from ..model import config_token_id
 
     mask_id = config_token_id(

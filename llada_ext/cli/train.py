@@ -236,25 +236,31 @@ def add_training_args(p: argparse.ArgumentParser, *, sft: bool) -> None:
     add_common_runtime(p)
 
 
+# (sub-command, objective, help, description)
+_COMMANDS = (
+    (
+        "train",
+        "pretrain",
+        "pre-train a model (Alg. 1: random masking of all tokens)",
+        "Pre-train a LLaDA mask predictor on text (Alg. 1). Multi-GPU: "
+        "torchrun --nproc-per-node N -m llada_ext.cli train ...",
+    ),
+    (
+        "sft",
+        "sft",
+        "supervised fine-tuning (Alg. 2: prompt kept, answer masked)",
+        "Fine-tune on prompt/response pairs (Alg. 2): the prompt is never masked, "
+        "the answer is padded with EOS to --seq-len and the padding is trained.",
+    ),
+)
+
+
 def add_parsers(sub: Any) -> None:
     """The ``train`` and ``sft`` sub-commands."""
-    p = sub.add_parser(
-        "train",
-        help="pre-train a model (Alg. 1: random masking of all tokens)",
-        description="Pre-train a LLaDA mask predictor on text (Alg. 1). Multi-GPU: "
-        "torchrun --nproc-per-node N -m llada_ext.cli train ...",
-    )
-    add_training_args(p, sft=False)
-    p.set_defaults(func=run, objective="pretrain")
-
-    p = sub.add_parser(
-        "sft",
-        help="supervised fine-tuning (Alg. 2: prompt kept, answer masked)",
-        description="Fine-tune on prompt/response pairs (Alg. 2): the prompt is never masked, "
-        "the answer is padded with EOS to --seq-len and the padding is trained.",
-    )
-    add_training_args(p, sft=True)
-    p.set_defaults(func=run, objective="sft")
+    for name, objective, help_text, description in _COMMANDS:
+        p = sub.add_parser(name, help=help_text, description=description)
+        add_training_args(p, sft=objective == "sft")
+        p.set_defaults(func=run, objective=objective)
 
 
 def prepared_folder(args: argparse.Namespace) -> Path | None:

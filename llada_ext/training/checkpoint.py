@@ -39,6 +39,7 @@ from ..model_files import checksum_lines, verify_checksums
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "TOKENIZER_FILES",
     "CheckpointManager",
     "atomic_save",
     "capture_rng_state",
@@ -49,6 +50,10 @@ __all__ = [
 
 #: Version tag written into every checkpoint.
 CHECKPOINT_FORMAT = "llada_ext.train/1"
+
+#: The files of a tokenizer folder that a run folder, a model folder or a prepared data
+#: folder gets a copy of.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 _NAME_RE = re.compile(r"^step-(\d{8,})\.(pt|dcp)$")
 # What atomic_write leaves behind when killed between creating its temp file and the rename.

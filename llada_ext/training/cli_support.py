@@ -160,7 +160,9 @@ def add_export_parser(sub: Any) -> None:
         help="largest safetensors file in GiB; above it the weights are sharded "
         "(default: %(default)s)",
     )
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    from ..cli.options import add_debug
+
+    add_debug(p)
     p.set_defaults(func=cmd_export)
 
 

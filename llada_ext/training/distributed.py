@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .errors import check_positive_ints
+
 __all__ = [
     "DistInfo",
     "all_gather_objects",
@@ -321,13 +323,9 @@ def split_global_batch(global_batch: int, micro_batch_size: int, world_size: int
         When ``global_batch`` is not a multiple of ``world_size * micro_batch_size``; the
         message lists the micro-batch sizes and world sizes that would keep it.
     """
-    for name, value in (
-        ("global_batch", global_batch),
-        ("micro_batch_size", micro_batch_size),
-        ("world_size", world_size),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_positive_ints(
+        global_batch=global_batch, micro_batch_size=micro_batch_size, world_size=world_size
+    )
     per_pass = micro_batch_size * world_size
     if global_batch % per_pass == 0:
         return global_batch // per_pass

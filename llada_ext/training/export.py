@@ -19,17 +19,12 @@ import torch
 
 from ..generation_config import GENERATION_CONFIG_NAME
 from ..model import DEFAULT_MAX_SHARD_BYTES, LLaDAConfig, LLaDAModel
-from .checkpoint import load_checkpoint, resolve_checkpoint
+from .checkpoint import TOKENIZER_FILES, load_checkpoint, resolve_checkpoint
 from .dcp import load_dcp_model_state, read_dcp_checkpoint
 
 __all__ = ["export_checkpoint", "load_checkpoint_weights"]
 
-_RUN_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    GENERATION_CONFIG_NAME,
-)
+_RUN_FILES = (*TOKENIZER_FILES, GENERATION_CONFIG_NAME)
 
 logger = logging.getLogger(__name__)
 

@@ -230,6 +230,25 @@ def _check_noise(noise: MaskNoise, shape: torch.Size) -> None:
         )
 
 
+def _draw_mask(input_ids: Tensor, noise: MaskNoise, eps: float) -> tuple[Tensor, Tensor]:
+    """Checks the inputs; returns ``p_mask`` ``[B]`` and the drawn mask ``u < p_mask``."""
+    _check_ids(input_ids)
+    _check_noise(noise, input_ids.shape)
+    dev = input_ids.device
+    t, u = noise.t.to(dev), noise.u.to(dev)
+    p_mask = (1.0 - eps) * t + eps
+    return p_mask, u < p_mask[:, None]
+
+
+def _masked_batch(
+    input_ids: Tensor, masked: Tensor, p_mask: Tensor, scale: Tensor, mask_id: int
+) -> MaskedBatch:
+    """The batch with ``masked`` replaced by ``mask_id`` and weights ``masked * scale`` per row."""
+    noisy = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
+    weights = (masked.double() * scale[:, None]).float()
+    return MaskedBatch(noisy, input_ids, weights, masked, p_mask)
+
+
 def build_pretrain_batch(
     input_ids: Tensor, *, mask_id: int, noise: MaskNoise, eps: float = EPS
 ) -> MaskedBatch:
@@ -251,17 +270,9 @@ def build_pretrain_batch(
     MaskedBatch
         With ``weights = masked / (p_mask * B * L)``.
     """
-    _check_ids(input_ids)
-    _check_noise(noise, input_ids.shape)
+    p_mask, masked = _draw_mask(input_ids, noise, eps)
     B, L = input_ids.shape
-    dev = input_ids.device
-    t, u = noise.t.to(dev), noise.u.to(dev)
-    p_mask = (1.0 - eps) * t + eps
-    masked = u < p_mask[:, None]
-    noisy = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
-    scale = 1.0 / (p_mask.double() * (B * L))
-    weights = (masked.double() * scale[:, None]).float()
-    return MaskedBatch(noisy, input_ids, weights, masked, p_mask)
+    return _masked_batch(input_ids, masked, p_mask, 1.0 / (p_mask.double() * (B * L)), mask_id)
 
 
 def build_sft_batch(
@@ -280,12 +291,8 @@ def build_sft_batch(
         int64 ``[B, L]``: prompt, answer, then EOS padding up to ``L``.
     prompt_lengths : Tensor
         int64 ``[B]``, number of prompt tokens of each row.
-    mask_id : int
-        Id of the mask token.
-    noise : MaskNoise
-        ``t`` ``[B]`` and ``u`` ``[B, L]``.
-    eps : float
-        Smallest masking probability.
+    mask_id, noise, eps : int, MaskNoise, float
+        As for :func:`build_pretrain_batch`.
 
     Returns
     -------
@@ -293,23 +300,19 @@ def build_sft_batch(
         With ``weights = masked / (p_mask * answer_len * B)`` where ``answer_len = L - prompt``
         (the EOS padding counts as answer, as in the paper).
     """
-    _check_ids(input_ids)
-    _check_noise(noise, input_ids.shape)
+    p_mask, drawn = _draw_mask(input_ids, noise, eps)
     B, L = input_ids.shape
     dev = input_ids.device
     prompt_lengths = torch.as_tensor(prompt_lengths, device=dev).long()
     if tuple(prompt_lengths.shape) != (B,):
         raise ValueError(f"prompt_lengths must have shape [{B}], got {tuple(prompt_lengths.shape)}")
-    t, u = noise.t.to(dev), noise.u.to(dev)
-    p_mask = (1.0 - eps) * t + eps
     in_prompt = torch.arange(L, device=dev)[None, :] < prompt_lengths[:, None]
-    masked = (u < p_mask[:, None]) & ~in_prompt
-    noisy = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
+    masked = drawn & ~in_prompt
     # A row made only of prompt has no masked token; clamp so its zero weights stay finite.
     answer_len = (L - prompt_lengths).clamp(min=1).double()
-    scale = 1.0 / (p_mask.double() * answer_len * B)
-    weights = (masked.double() * scale[:, None]).float()
-    return MaskedBatch(noisy, input_ids, weights, masked, p_mask)
+    return _masked_batch(
+        input_ids, masked, p_mask, 1.0 / (p_mask.double() * answer_len * B), mask_id
+    )
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

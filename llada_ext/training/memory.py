@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model import LLaDAConfig, LLaDAModel
+from .errors import check_positive_ints
 
 __all__ = ["MemoryEstimate", "activation_bytes_per_token", "estimate_training_memory"]
 
@@ -161,13 +162,7 @@ def estimate_training_memory(
     -------
     MemoryEstimate
     """
-    for name, value in (
-        ("world_size", world_size),
-        ("micro_batch_size", micro_batch_size),
-        ("seq_len", seq_len),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_positive_ints(world_size=world_size, micro_batch_size=micro_batch_size, seq_len=seq_len)
     with torch.device("meta"):
         model = LLaDAModel(config, backend="torch")
     shapes = [p.shape for p in model.parameters()]

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..model_files import CHECKSUMS_NAME, checksum_lines
+from .checkpoint import TOKENIZER_FILES
 from .data import DataError, records_to_pairs, records_to_texts
 from .shards import (
     DTYPES,
@@ -44,9 +45,6 @@ from .shards import (
 __all__ = ["prepare_shards"]
 
 logger = logging.getLogger(__name__)
-
-# The tokenizer files a run folder gets (as the trainer copies them).
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 class _Encoder:
@@ -309,6 +307,24 @@ def _write_shards(
     return sink.entries
 
 
+def _check_arguments(objective: str, **sizes: int) -> None:
+    """``objective`` is one of the two, every one of ``sizes`` at least 1."""
+    if objective not in ("pretrain", "sft"):
+        raise DataError(f"objective must be 'pretrain' or 'sft', got {objective!r}")
+    for name, value in sizes.items():
+        if value < 1:
+            raise DataError(f"{name} must be >= 1, got {value}")
+
+
+def _temporary_folder(out: Path) -> Path:
+    """A new, empty folder beside ``out`` to write into before it is renamed to ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
 def prepare_shards(
     records: Iterable[dict[str, Any]],
     out: str | os.PathLike,
@@ -370,15 +386,7 @@ def prepare_shards(
     """
     from ..tokenizer import load_tokenizer
 
-    if objective not in ("pretrain", "sft"):
-        raise DataError(f"objective must be 'pretrain' or 'sft', got {objective!r}")
-    for name, value in (
-        ("shard_tokens", shard_tokens),
-        ("workers", workers),
-        ("chunk_size", chunk_size),
-    ):
-        if value < 1:
-            raise DataError(f"{name} must be >= 1, got {value}")
+    _check_arguments(objective, shard_tokens=shard_tokens, workers=workers, chunk_size=chunk_size)
     out = Path(out)
     _check_destination(out, overwrite)
     tok_dir = str(tokenizer_folder) if tokenizer_folder is not None else None
@@ -390,10 +398,7 @@ def prepare_shards(
         "bos_id": int(tokenizer.bos_token_id) if add_bos else None,
         "chat_template": bool(chat_template),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = _temporary_folder(out)
     try:
         entries = _write_shards(
             records,
@@ -440,7 +445,7 @@ def _finish_folder(
     copied = []
     info = tokenizer_info(tokenizer, tok_dir)
     if info["type"] == "tokenizers" and tok_dir is not None:
-        for name in _TOKENIZER_FILES:
+        for name in TOKENIZER_FILES:
             if (Path(tok_dir) / name).is_file():
                 shutil.copyfile(Path(tok_dir) / name, tmp / name)
                 copied.append(name)

@@ -23,10 +23,7 @@ import json
 import logging
 import os
 import shutil
-import signal
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +33,7 @@ from torch import nn
 from ..generation_config import GENERATION_CONFIG_NAME, fitting, write_generation_config
 from ..model import config_token_id
 from .checkpoint import (
+    TOKENIZER_FILES,
     CheckpointManager,
     capture_rng_state,
     remove_interrupted_saves,
@@ -57,6 +55,7 @@ from .distributed import (
     wrap_for_training,
 )
 from .losses import (
+    MaskedBatch,
     MaskedLMObjective,
     build_pretrain_batch,
     build_sft_batch,
@@ -64,13 +63,13 @@ from .losses import (
     keyed_generator,
     keyed_noise,
 )
+from .order import Batch
+from .progress import RunLog, StopRequest
 from .resume import check_same_path, load_training_state, restore_schedule
 from .schedule import make_wsd_scheduler
 from .train_config import TrainConfig, TrainResult
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "param_groups"]
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 logger = logging.getLogger(__name__)
 
@@ -106,32 +105,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-class _StopRequest:
-    """SIGINT/SIGTERM handler: the first signal asks to stop after the current step."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            # Second Ctrl-C: the user insists; stop now (the step is rolled back).
-            raise KeyboardInterrupt
-        self.requested = True
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield  # handlers can only be set from the main thread; KeyboardInterrupt still works
-            return
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old[sig] = signal.signal(sig, self._handle)
-        try:
-            yield
-        finally:
-            for sig, old in self._old.items():
-                signal.signal(sig, old)
-            self._old.clear()
+def _checked_config(config: TrainConfig, dataset: SequenceDataset) -> TrainConfig:
+    """A validated copy of ``config`` (the trainer fills in ``global_batch`` / ``grad_accum``)."""
+    config.validate()
+    config = dataclasses.replace(config)
+    if config.objective == "sft" and not dataset.is_sft:
+        raise ValueError("objective 'sft' needs a dataset with prompt lengths")
+    if config.objective == "pretrain" and dataset.is_sft:
+        raise ValueError("objective 'pretrain' needs a packed pre-training dataset")
+    return config
 
 
 class Trainer:
@@ -165,12 +147,7 @@ class Trainer:
         device: str | torch.device | None = None,
         tokenizer_folder: str | os.PathLike | None = None,
     ) -> None:
-        config.validate()
-        config = dataclasses.replace(config)  # global_batch / grad_accum are filled in below
-        if config.objective == "sft" and not dataset.is_sft:
-            raise ValueError("objective 'sft' needs a dataset with prompt lengths")
-        if config.objective == "pretrain" and dataset.is_sft:
-            raise ValueError("objective 'pretrain' needs a packed pre-training dataset")
+        config = _checked_config(config, dataset)
         self.config = config
         self.info = dist_info if dist_info is not None else DistInfo(device=resolve_device(device))
         self.device = self.info.device
@@ -184,6 +161,19 @@ class Trainer:
         self.dataset = dataset
         self.tokenizer_folder = Path(tokenizer_folder) if tokenizer_folder else None
         self.out_dir = Path(config.out_dir)
+        self._setup_model(model)
+        self._setup_optimizer()
+        self.stream = DataStream(dataset, seed=config.seed, shuffle=config.shuffle)
+        if self.info.is_main:
+            remove_interrupted_saves(self.out_dir)
+        self.ckpt = CheckpointManager(self.out_dir / "checkpoints", keep_last=config.keep_last)
+        self.step = 0
+        self.last_lr = float(config.lr)
+        self.last_checkpoint: Path | None = None
+
+    def _setup_model(self, model: nn.Module) -> None:
+        """The model on the training device, its objective, precision and parallel wrapper."""
+        config = self.config
         self.model = model.to(self.device)
         self.model.train()
         if config.gradient_checkpointing:
@@ -200,28 +190,24 @@ class Trainer:
         )
         # FSDP has its own mixed precision; everywhere else bf16 means autocast.
         self.use_autocast = self.bf16 and not config.fsdp
+
+    def _setup_optimizer(self) -> None:
+        """AdamW over :func:`param_groups` under the warmup-stable-decay schedule."""
+        config = self.config
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, config.weight_decay),
             lr=config.lr,
             betas=(config.beta1, config.beta2),
             eps=config.adam_eps,
         )
-        decay_steps = round(config.decay_frac * config.steps)
         self.scheduler = make_wsd_scheduler(
             self.optimizer,
             total_steps=config.steps,
             warmup_steps=min(config.warmup_steps, config.steps),
-            decay_steps=decay_steps,
+            decay_steps=round(config.decay_frac * config.steps),
             min_ratio=config.min_lr_ratio,
             shape=config.decay_shape,
         )
-        self.stream = DataStream(dataset, seed=config.seed, shuffle=config.shuffle)
-        if self.info.is_main:
-            remove_interrupted_saves(self.out_dir)
-        self.ckpt = CheckpointManager(self.out_dir / "checkpoints", keep_last=config.keep_last)
-        self.step = 0
-        self.last_lr = float(config.lr)
-        self.last_checkpoint: Path | None = None
 
     # ---------------------------------------------------------------------------------------
     @property
@@ -234,6 +220,20 @@ class Trainer:
         if self.use_autocast:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def _masked_batch(self, b: Batch, length: int) -> MaskedBatch:
+        """The forward process of the objective applied to micro-batch ``b`` cut to ``length``."""
+        c = self.config
+        ids = b.input_ids[:, :length].to(self.device, non_blocking=True)
+        # Noise for the full length, then cut: a sequence's mask prefix does not depend
+        # on whether the batch was cut.
+        noise = keyed_noise(b.keys, self.dataset.seq_len, seed=c.seed).narrow(length)
+        if c.objective == "pretrain":
+            return build_pretrain_batch(ids, mask_id=self.mask_id, noise=noise, eps=c.mask_eps)
+        assert b.prompt_lengths is not None
+        return build_sft_batch(
+            ids, b.prompt_lengths, mask_id=self.mask_id, noise=noise, eps=c.mask_eps
+        )
 
     def _train_step(self) -> tuple[float, float, int]:
         """One optimizer step; returns (loss averaged over ranks, grad norm, tokens)."""
@@ -255,17 +255,7 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         tokens = 0
         for i, b in enumerate(batches):
-            ids = b.input_ids[:, :length].to(self.device, non_blocking=True)
-            # Noise for the full length, then cut: a sequence's mask prefix does not depend
-            # on whether the batch was cut.
-            noise = keyed_noise(b.keys, L, seed=c.seed).narrow(length)
-            if c.objective == "pretrain":
-                mb = build_pretrain_batch(ids, mask_id=self.mask_id, noise=noise, eps=c.mask_eps)
-            else:
-                assert b.prompt_lengths is not None
-                mb = build_sft_batch(
-                    ids, b.prompt_lengths, mask_id=self.mask_id, noise=noise, eps=c.mask_eps
-                )
+            mb = self._masked_batch(b, length)
             weights = mb.weights / c.grad_accum
             sync = (
                 self.wrapped.no_sync()
@@ -277,7 +267,7 @@ class Trainer:
                     loss = self.wrapped(mb.noisy, mb.targets, weights)
                 loss.backward()
             total += loss.detach().float()
-            tokens += ids.numel()
+            tokens += mb.targets.numel()
         if c.grad_clip > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
         else:
@@ -301,84 +291,20 @@ class Trainer:
         -------
         TrainResult
         """
-        c = self.config
         result = TrainResult(step=self.step)
-        if self.info.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "train_config.json").write_text(
-                json.dumps(c.to_dict(), indent=2) + "\n"
-            )
-        bar = _progress_bar(
-            total=c.steps, initial=self.step, enabled=c.progress and self.info.is_main
-        )
-        metrics = (
-            open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-            if self.info.is_main
-            else None
-        )
-        stop = _StopRequest()
+        log = self._open_log()
+        stop = StopRequest()
         t_start = time.perf_counter()
-        tokens_done = 0
         try:
             with stop.installed():
-                while self.step < c.steps:
-                    snapshot = capture_rng_state()
-                    t0 = time.perf_counter()
-                    try:
-                        loss, gnorm, tokens = self._train_step()
-                    except KeyboardInterrupt:
-                        # Parameters change only in optimizer.step(), the data position and
-                        # the step counter only after it: roll back the gradients and RNG
-                        # and the state is that of the last completed step.
-                        self.optimizer.zero_grad(set_to_none=True)
-                        restore_rng_state(snapshot)
-                        result.interrupted = True
-                        break
-                    dt = max(time.perf_counter() - t0, 1e-9)
-                    tokens_done += tokens
-                    result.losses.append(loss)
-                    lr = self.last_lr
-                    if metrics is not None:
-                        metrics.write(
-                            json.dumps(
-                                {
-                                    "step": self.step,
-                                    "loss": loss,
-                                    "lr": lr,
-                                    "grad_norm": gnorm,
-                                    "tokens_per_s": tokens / dt,
-                                    "epoch": round(self.stream.epoch, 4),
-                                }
-                            )
-                            + "\n"
-                        )
-                        metrics.flush()
-                    if bar is not None:
-                        # the update below redraws at the bar's own rate (not every step)
-                        bar.set_postfix(
-                            loss=f"{loss:.4f}",
-                            tok_s=f"{tokens / dt:,.0f}",
-                            lr=f"{lr:.2e}",
-                            refresh=False,
-                        )
-                        bar.update(1)
-                    if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
-                        # FSDP2: the periodic saves stay sharded; the full weights are gathered
-                        # for <out>/model.safetensors only at the end (or with `export`)
-                        self.save_checkpoint(weights=not c.fsdp)
-                    if all_reduce_max_flag(stop.requested, self.device):
-                        result.interrupted = True
-                        break
+                self._run_steps(result, stop, log)
         except KeyboardInterrupt:
             # A Ctrl-C outside the step (e.g. while logging): the state is consistent.
             result.interrupted = True
         finally:
-            if bar is not None:
-                bar.close()
-            if metrics is not None:
-                metrics.close()
+            log.close()
         elapsed = max(time.perf_counter() - t_start, 1e-9)
-        result.tokens_per_second = tokens_done / elapsed
+        result.tokens_per_second = log.tokens / elapsed
         # After a hard interrupt under torchrun a collective may be half done and saving
         # (itself collective) could hang, so only then is the checkpoint skipped.
         nothing_new = not result.losses and self.last_checkpoint is not None
@@ -396,6 +322,56 @@ class Trainer:
                 self.last_checkpoint,
             )
         return result
+
+    def _open_log(self) -> RunLog:
+        """Rank 0 writes ``train_config.json`` and gets the bar and ``metrics.jsonl``."""
+        main = self.info.is_main
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "train_config.json").write_text(
+                json.dumps(self.config.to_dict(), indent=2) + "\n"
+            )
+        return RunLog(
+            self.out_dir / "metrics.jsonl" if main else None,
+            total=self.config.steps,
+            initial=self.step,
+            progress=self.config.progress and main,
+        )
+
+    def _run_steps(self, result: TrainResult, stop: StopRequest, log: RunLog) -> None:
+        """Optimizer steps until ``config.steps`` or a stop request; fills ``result``."""
+        c = self.config
+        while self.step < c.steps:
+            snapshot = capture_rng_state()
+            t0 = time.perf_counter()
+            try:
+                loss, gnorm, tokens = self._train_step()
+            except KeyboardInterrupt:
+                # Parameters change only in optimizer.step(), the data position and the step
+                # counter only after it: roll back the gradients and RNG and the state is that
+                # of the last completed step.
+                self.optimizer.zero_grad(set_to_none=True)
+                restore_rng_state(snapshot)
+                result.interrupted = True
+                return
+            dt = max(time.perf_counter() - t0, 1e-9)
+            result.losses.append(loss)
+            log.record(
+                step=self.step,
+                loss=loss,
+                lr=self.last_lr,
+                grad_norm=gnorm,
+                tokens=tokens,
+                seconds=dt,
+                epoch=self.stream.epoch,
+            )
+            if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
+                # FSDP2: the periodic saves stay sharded; the full weights are gathered for
+                # <out>/model.safetensors only at the end (or with `export`)
+                self.save_checkpoint(weights=not c.fsdp)
+            if all_reduce_max_flag(stop.requested, self.device):
+                result.interrupted = True
+                return
 
     # ---------------------------------------------------------------------------------------
     def save_checkpoint(self, weights: bool = True) -> Path | None:
@@ -460,7 +436,7 @@ class Trainer:
             # sampling settings that fit the rows this model was trained on
             write_generation_config(self.out_dir, fitting(self.dataset.seq_len), self.model.config)
         if self.tokenizer_folder is not None:
-            for name in _TOKENIZER_FILES:
+            for name in TOKENIZER_FILES:
                 src = self.tokenizer_folder / name
                 if src.is_file() and src.resolve() != (self.out_dir / name).resolve():
                     shutil.copyfile(src, self.out_dir / name)
@@ -515,33 +491,3 @@ class Trainer:
         restore_rng_state(rng)
         self.last_checkpoint = path
         return True
-
-
-class _LineWriter:
-    """A stream for tqdm that writes each redraw as its own line: in a log file the bar then
-    reads as periodic plain lines instead of one line of carriage returns."""
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-
-    def write(self, text: str) -> None:
-        text = text.replace("\r", "").strip()
-        if text:
-            self.stream.write(text + "\n")
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-
-def _progress_bar(*, total: int, initial: int, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    import sys
-
-    from tqdm.auto import tqdm
-
-    kw: dict[str, Any] = {"total": total, "initial": initial, "unit": "step", "desc": "train"}
-    if sys.stderr.isatty():
-        return tqdm(dynamic_ncols=True, **kw)
-    # not a terminal (a log file, CI): a plain line every 30 s at most
-    return tqdm(file=_LineWriter(sys.stderr), mininterval=30.0, ncols=100, **kw)
