@@ -8,34 +8,26 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_llada
 
 import llada_ext as lx
 import llada_ext.likelihood
 from llada_ext.likelihood import score_choices, stratified_mask
-from llada_ext.model import LLaDAConfig, LLaDAModel
+from llada_ext.model import LLaDAModel
 
 CUDA = torch.cuda.is_available()
 
 
 def tiny_model(backend="torch", seed=0, vocab=23, n_layers=2) -> LLaDAModel:
-    torch.manual_seed(seed)
-    cfg = LLaDAConfig(
-        d_model=32,
+    """The sampler tests' tiny model with a smaller vocabulary, MLP and context."""
+    return tiny_llada(
+        backend,
+        seed=seed,
+        vocab=vocab,
         n_layers=n_layers,
-        n_heads=4,
-        n_kv_heads=2,
         mlp_hidden_size=40,
-        vocab_size=vocab,
         max_sequence_length=64,
-        rope_theta=10000.0,
-        mask_token_id=vocab - 1,
-        eos_token_id=vocab - 2,
-        bos_token_id=vocab - 3,
-        pad_token_id=vocab - 2,
-        eot_token_id=None,
-        initializer_range=0.3,
     )
-    return LLaDAModel(cfg, backend=backend).eval()
 
 
 def ref_draws(answer_len: int, batch: int, g: torch.Generator):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import LogitsOnly, left_padded_batch, tiny_llada
 
 import llada_ext as lx
-from llada_ext.model import LLaDAConfig, LLaDAModel
 from llada_ext.sampling import (
     SamplerGraphs,
     factor_count,
@@ -153,27 +153,6 @@ def ref_generate(
 
 
 # ------------------------------------------------------------------------------------------
-def tiny_model(n_layers=2, backend="torch", seed=0, vocab=61) -> LLaDAModel:
-    torch.manual_seed(seed)
-    cfg = LLaDAConfig(
-        d_model=32,
-        n_layers=n_layers,
-        n_heads=4,
-        n_kv_heads=2,
-        mlp_hidden_size=48,
-        vocab_size=vocab,
-        max_sequence_length=128,
-        rope_theta=10000.0,
-        mask_token_id=vocab - 1,
-        eos_token_id=vocab - 2,
-        bos_token_id=vocab - 3,
-        pad_token_id=vocab - 2,
-        eot_token_id=None,
-        initializer_range=0.3,
-    )
-    return LLaDAModel(cfg, backend=backend).eval()
-
-
 class Counting:
     """Counts full and cached forward passes of a model."""
 
@@ -191,17 +170,6 @@ class Counting:
         monkeypatch.setattr(model, "forward_hidden", wrapped)
 
 
-def left_padded_batch(model, lens=(5, 3, 7), seed=1):
-    g = torch.Generator().manual_seed(seed)
-    plen = max(lens)
-    ids = torch.full((len(lens), plen), model.config.pad_token_id)
-    mask = torch.zeros(len(lens), plen, dtype=torch.long)
-    for r, n in enumerate(lens):
-        ids[r, plen - n :] = torch.randint(0, model.config.vocab_size - 3, (n,), generator=g)
-        mask[r, plen - n :] = 1
-    return ids, mask
-
-
 COMBOS = [  # gen_length, steps, block_length, cfg_scale
     (8, 8, 8, 0.0),
     (12, 6, 4, 0.0),
@@ -216,7 +184,7 @@ COMBOS = [  # gen_length, steps, block_length, cfg_scale
 @pytest.mark.parametrize("gen_length,steps,block_length,cfg", COMBOS)
 @pytest.mark.parametrize("backend", ["torch", "kernels"])
 def test_matches_public_sampler_greedy(gen_length, steps, block_length, cfg, backend):
-    model = tiny_model(backend=backend)
+    model = tiny_llada(backend=backend)
     prompt = torch.randint(0, 55, (2, 5), generator=torch.Generator().manual_seed(gen_length))
     mask_id = model.config.mask_token_id
     ref = ref_generate(
@@ -238,7 +206,7 @@ def test_matches_public_sampler_greedy(gen_length, steps, block_length, cfg, bac
 
 @pytest.mark.parametrize("cfg", [0.0, 1.0])
 def test_matches_public_sampler_left_padded(cfg):
-    model = tiny_model()
+    model = tiny_llada()
     prompt, mask = left_padded_batch(model)
     kw = dict(steps=8, gen_length=8, block_length=4, cfg_scale=cfg)
     ref = ref_generate(model, prompt, attention_mask=mask, mask_id=60, **kw)
@@ -256,7 +224,7 @@ def test_every_reference_strategy_token_for_token(remasking, gen_length, steps, 
     """Both strategies of the public sampler at temperature 0: "random" draws its
     confidences with torch.rand over the whole sequence, as the reference does, so the same
     seed gives the same tokens (with the global generator and with an explicit one)."""
-    model = tiny_model(seed=3)
+    model = tiny_llada(seed=3)
     prompt, mask = left_padded_batch(model, lens=(4, 6), seed=gen_length)
     kw = dict(steps=steps, gen_length=gen_length, block_length=block_length, cfg_scale=cfg)
     torch.manual_seed(11)
@@ -278,7 +246,7 @@ def test_every_reference_strategy_token_for_token(remasking, gen_length, steps, 
 
 def eos_prone_model():
     """A tiny model where EOS is the prediction at many, not all, positions."""
-    model = tiny_model(seed=2)
+    model = tiny_llada(seed=2)
     eos = model.config.eos_token_id
     with torch.no_grad():
         model.lm_head.weight[eos] = model.lm_head.weight[45] * 1.1
@@ -367,7 +335,7 @@ def test_zero_eos_confidence_at_temperature_demotes_end_predictions():
 
 
 def test_prompt_with_mask_token_is_refused():
-    model = tiny_model()
+    model = tiny_llada()
     prompt = torch.randint(0, 55, (2, 6), generator=torch.Generator().manual_seed(5))
     prompt[1, 4] = 60
     with pytest.raises(ValueError, match=r"prompt_ids contains mask_id 60 \(rows \[1\]\)"):
@@ -376,21 +344,7 @@ def test_prompt_with_mask_token_is_refused():
 
 def test_plain_logits_model_path():
     """A module with only forward(ids, attention_mask).logits (Hugging Face style) works too."""
-
-    class LogitsOnly(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-            self.config = inner.config
-
-        @property
-        def device(self):
-            return self.inner.device
-
-        def forward(self, ids, attention_mask=None):
-            return self.inner(ids, attention_mask=attention_mask)
-
-    model = tiny_model()
+    model = tiny_llada()
     prompt, mask = left_padded_batch(model, lens=(4, 2))
     kw = dict(gen_length=8, steps=4, block_length=4, cfg_scale=0.5, attention_mask=mask)
     assert torch.equal(
@@ -409,7 +363,7 @@ def test_schedule_matches_public():
 
 
 def test_temperature_sampling_is_reproducible_and_valid():
-    model = tiny_model()
+    model = tiny_llada()
     prompt = torch.randint(0, 55, (3, 4), generator=torch.Generator().manual_seed(2))
     kw = dict(gen_length=12, steps=6, block_length=6, temperature=1.0)
     a = lx.generate(model, prompt, generator=torch.Generator().manual_seed(7), **kw)
@@ -437,7 +391,7 @@ def test_temperature_sampling_is_reproducible_and_valid():
 def test_random_remasking_decodes_greedy_tokens_in_random_order():
     """With one token per step the order is random but every token is the argmax at its
     step; with all tokens in one step the result equals the greedy one-step decode."""
-    model = tiny_model()
+    model = tiny_llada()
     prompt = torch.randint(0, 55, (2, 4), generator=torch.Generator().manual_seed(3))
     one = lx.generate(
         model,
@@ -462,7 +416,7 @@ def test_random_remasking_decodes_greedy_tokens_in_random_order():
 def test_cache_is_exact_for_a_one_layer_model(cache, cfg, monkeypatch):
     """With one layer, keys/values depend on each token and its position only, so a cache
     built at the block start stays exact: token-for-token equal to no cache."""
-    model = tiny_model(n_layers=1, seed=4)
+    model = tiny_llada(n_layers=1, seed=4)
     prompt, mask = left_padded_batch(model, lens=(6, 4), seed=2)
     kw = dict(gen_length=12, steps=12, block_length=4, cfg_scale=cfg, attention_mask=mask)
     plain = lx.generate(model, prompt, **kw)
@@ -474,7 +428,7 @@ def test_cache_is_exact_for_a_one_layer_model(cache, cfg, monkeypatch):
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 def test_cache_on_deeper_model(cache):
-    model = tiny_model(n_layers=3, seed=5)
+    model = tiny_llada(n_layers=3, seed=5)
     prompt = torch.randint(0, 55, (2, 5), generator=torch.Generator().manual_seed(9))
     cached = lx.generate(model, prompt, cache=cache, gen_length=12, steps=12, block_length=4)
     assert torch.equal(cached[:, :5], prompt) and not (cached == 60).any()
@@ -488,7 +442,7 @@ def test_cache_on_deeper_model(cache):
 def test_prefix_and_dual_cache_agree_without_suffix():
     """With a single block there is no suffix, so the dual cache (block only) and the prefix
     cache (block + suffix) recompute the same positions against the same cached prompt."""
-    model = tiny_model(n_layers=3, seed=6)
+    model = tiny_llada(n_layers=3, seed=6)
     prompt, mask = left_padded_batch(model, lens=(6, 3), seed=4)
     kw = dict(gen_length=8, steps=8, block_length=8, attention_mask=mask, cfg_scale=0.5)
     prefix = lx.generate(model, prompt, cache="prefix", **kw)
@@ -498,7 +452,7 @@ def test_prefix_and_dual_cache_agree_without_suffix():
 
 
 def test_threshold(monkeypatch):
-    model = tiny_model()
+    model = tiny_llada()
     prompt = torch.randint(0, 55, (2, 5), generator=torch.Generator().manual_seed(4))
     kw = dict(gen_length=12, steps=12, block_length=4)
     plain = lx.generate(model, prompt, **kw)
@@ -518,24 +472,31 @@ def test_threshold(monkeypatch):
     assert 3 <= counter.full <= 12 and not (mid == 60).any()
 
 
-def test_eos_early_stop(monkeypatch):
-    model = tiny_model()
-    eos = model.config.eos_token_id
+def patch_lm_head(model, monkeypatch, edit):
+    """Make ``model.lm_head(h)`` return ``edit(logits)``, the real head's logits (a fresh
+    tensor, [B, W, V]) changed by ``edit``."""
     head = model.model.transformer.ff_out
 
-    class EosHead(torch.nn.Module):
-        """The LM head, plus a large EOS logit: the model always predicts EOS."""
-
+    class Edited(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.weight = head.weight
 
         def forward(self, h):
-            out = head(h)
-            out[..., eos] += 100.0
-            return out
+            return edit(head(h).clone())
 
-    monkeypatch.setattr(type(model), "lm_head", property(lambda self: EosHead()))
+    monkeypatch.setattr(type(model), "lm_head", property(lambda self: Edited()))
+
+
+def test_eos_early_stop(monkeypatch):
+    model = tiny_llada()
+    eos = model.config.eos_token_id
+
+    def always_eos(out):  # a large EOS logit: the model always predicts EOS
+        out[..., eos] += 100.0
+        return out
+
+    patch_lm_head(model, monkeypatch, always_eos)
     prompt = torch.randint(0, 55, (2, 4), generator=torch.Generator().manual_seed(0))
     kw = dict(gen_length=12, steps=6, block_length=4)
     counter = Counting(model, monkeypatch)
@@ -549,25 +510,16 @@ def test_eos_early_stop(monkeypatch):
 
 def test_eos_early_stop_needs_eos_through_the_block_end(monkeypatch):
     """A row whose answer has an EOS followed by other tokens has not finished."""
-    model = tiny_model()
+    model = tiny_llada()
     eos = model.config.eos_token_id
-    head = model.model.transformer.ff_out
 
-    class Pattern(torch.nn.Module):
-        """Predicts EOS everywhere except answer position 1 of row 0 (a word after EOS)."""
+    def eos_then_a_word(out):  # EOS everywhere except answer position 1 of row 0
+        out[..., eos] += 100.0
+        if out.shape[1] >= 4:  # the first block's window (positions 4..7)
+            out[0, 1, 3] += 300.0
+        return out
 
-        def __init__(self):
-            super().__init__()
-            self.weight = head.weight
-
-        def forward(self, h):
-            out = head(h).clone()
-            out[..., eos] += 100.0
-            if out.shape[1] >= 4:  # the first block's window (positions 4..7)
-                out[0, 1, 3] += 300.0
-            return out
-
-    monkeypatch.setattr(type(model), "lm_head", property(lambda self: Pattern()))
+    patch_lm_head(model, monkeypatch, eos_then_a_word)
     prompt = torch.randint(0, 55, (2, 4), generator=torch.Generator().manual_seed(0))
     kw = dict(gen_length=12, steps=6, block_length=4)
     counter = Counting(model, monkeypatch)
@@ -625,7 +577,7 @@ def ref_factor_generate(model, prompt, gen_length, block_length, factor, mask_id
 
 @pytest.mark.parametrize("factor", [0.05, 0.6, 1.5, 1e6])
 def test_factor_rule_matches_written_out_rule(factor):
-    model = tiny_model(seed=7)
+    model = tiny_llada(seed=7)
     with torch.no_grad():  # sharper predictions so that the rule takes several tokens
         model.lm_head.weight.mul_(4.0)
     prompt = torch.randint(0, 55, (2, 5), generator=torch.Generator().manual_seed(1))
@@ -676,7 +628,7 @@ def test_select_transfer_matches_a_loop():
 def test_cache_refreshed_every_step_equals_no_cache(cache, cfg, monkeypatch):
     """The cache machinery (full pass filling the cache, reading the block's logits from it)
     is exact when refreshed at every step; the normal schedule reads stale keys (3 layers)."""
-    model = tiny_model(n_layers=3, seed=5)
+    model = tiny_llada(n_layers=3, seed=5)
     prompt, mask = left_padded_batch(model, lens=(6, 3), seed=6)
     kw = dict(gen_length=12, steps=12, block_length=4, cfg_scale=cfg, attention_mask=mask)
     plain = lx.generate(model, prompt, **kw)
@@ -691,7 +643,7 @@ def test_cache_refreshed_every_step_equals_no_cache(cache, cfg, monkeypatch):
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 def test_cached_rows_of_a_padded_batch_equal_rows_alone(cache):
-    model = tiny_model(n_layers=2, seed=8)
+    model = tiny_llada(n_layers=2, seed=8)
     lens = (5, 2, 7)
     prompt, mask = left_padded_batch(model, lens=lens, seed=3)
     kw = dict(gen_length=12, steps=12, block_length=4, cache=cache, cfg_scale=0.5)
@@ -702,7 +654,7 @@ def test_cached_rows_of_a_padded_batch_equal_rows_alone(cache):
 
 
 def test_callback_sees_the_canvas_fill_in():
-    model = tiny_model()
+    model = tiny_llada()
     prompt = torch.randint(0, 55, (2, 5), generator=torch.Generator().manual_seed(4))
     seen = []
     out = lx.generate(
@@ -736,7 +688,7 @@ class _EagerButFrozen(SamplerGraphs):
 
 @pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
 def test_graph_units_through_static_buffers_equal_eager(cache):
-    model = tiny_model(seed=9)
+    model = tiny_llada(seed=9)
     prompt, mask = left_padded_batch(model, lens=(4, 6), seed=5)
     base = dict(gen_length=12, steps=12, block_length=4, cache=cache, attention_mask=mask)
     for runner in (SamplerGraphs(capture=False), _EagerButFrozen(capture=False)):
@@ -763,7 +715,7 @@ def test_graph_units_through_static_buffers_equal_eager(cache):
 
 
 def test_validation():
-    model = tiny_model()
+    model = tiny_llada()
     p = torch.randint(0, 55, (1, 3))
     with pytest.raises(ValueError, match="block_length"):
         lx.generate(model, p, gen_length=10, steps=10, block_length=4)
@@ -814,7 +766,7 @@ def test_validation():
 
 @pytest.mark.skipif(not CUDA, reason="CUDA not available")
 def test_cuda_matches_public_sampler_bf16():
-    model = tiny_model(backend="kernels").to("cuda", torch.bfloat16)
+    model = tiny_llada(backend="kernels").to("cuda", torch.bfloat16)
     prompt = torch.randint(0, 55, (2, 5), device="cuda")
     for gl, st, bl, cfg in COMBOS[:4]:
         ref = ref_generate(
@@ -871,7 +823,7 @@ class _ReplayEmulation(SamplerGraphs):
 
 @pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
 def test_replayed_units_decode_what_generate_decodes(cache):
-    model = tiny_model(seed=11, n_layers=2)
+    model = tiny_llada(seed=11, n_layers=2)
     with torch.no_grad():
         model.lm_head.weight.mul_(5.0)  # distinct confidences
     prompt, mask = left_padded_batch(model, lens=(9, 6), seed=2)
@@ -899,7 +851,7 @@ def test_replayed_units_decode_what_generate_decodes(cache):
 def test_cuda_graphs_equal_eager(cache):
     """Recorded steps replay the same tokens as the eager sampler, across calls and for every
     kind of selection (in the graph when deterministic, after it when random)."""
-    model = tiny_model(backend="kernels", seed=9).to("cuda", torch.bfloat16)
+    model = tiny_llada(backend="kernels", seed=9).to("cuda", torch.bfloat16)
     prompt, mask = left_padded_batch(model, lens=(4, 6), seed=5)
     prompt, mask = prompt.cuda(), mask.cuda()
     base = dict(gen_length=16, steps=16, block_length=4, cache=cache, attention_mask=mask)
@@ -927,7 +879,7 @@ def test_cuda_graphs_equal_eager(cache):
 
 
 def test_left_pad_right_aligns_prompts_for_generate():
-    model = tiny_model()
+    model = tiny_llada()
     prompts = [[5, 6, 7], [8], [9, 10]]
     ids, mask = lx.sampling.left_pad(prompts, pad_id=59)
     assert ids.tolist() == [[5, 6, 7], [59, 59, 8], [59, 9, 10]]
@@ -956,7 +908,7 @@ def test_render_canvas_shows_every_position_with_marks():
 def test_generation_settings_of_a_folder_feed_generate(tmp_path):
     from llada_ext.generation_config import write_generation_config
 
-    model = tiny_model()
+    model = tiny_llada()
     assert lx.generation_settings(tmp_path)["gen_length"] == 64  # no file: LLaDA defaults
     write_generation_config(
         tmp_path, {"gen_length": 6, "steps": 6, "block_length": 3}, model.config
@@ -975,7 +927,7 @@ def test_generation_settings_of_a_folder_feed_generate(tmp_path):
 
 
 def test_warns_beyond_max_sequence_length(caplog):
-    model = tiny_model()
+    model = tiny_llada()
     model.config.max_sequence_length = 12
     prompt = torch.randint(0, 50, (1, 5))
     with caplog.at_level("WARNING", logger="llada_ext"):

@@ -62,6 +62,11 @@ The step itself never waits on the host (no ``.item()``, no data-dependent shape
 be captured in a CUDA graph. Only loop control reads device values: the leftover check (once
 per block), the early block exit of ``threshold`` / ``factor`` (once per step) and
 ``eos_early_stop`` (once per block).
+
+Layout: this module holds the driver; the argument checks are in
+:mod:`llada_ext.sampling.options`, the steps (schedule, window forwards, remask, cache refresh,
+stop tests) in :mod:`llada_ext.sampling.steps`, the PyTorch selection rules in
+:mod:`llada_ext.sampling.select` and the CUDA-graph runner in :mod:`llada_ext.sampling.graphs`.
 """
 
 from __future__ import annotations
@@ -72,117 +77,44 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..model import config_token_id, model_device, warn_if_too_long
+from ..model import model_device, warn_if_too_long
 from .graphs import SamplerGraphs
-from .select import DEMOTED, select_transfer
+from .options import (
+    CACHE_MODES,
+    MAX_SCHEDULE,
+    RANDOM_SOURCES,
+    REMASKING,
+    as_2d_ids,
+    as_runner,
+    check_options,
+    check_prompt,
+    check_schedule,
+    finite_float,
+    positive_int,
+)
+from .steps import (
+    SamplerState,
+    answers_end_in_eos,
+    block_done,
+    get_num_transfer_tokens,
+    needs_full_pass,
+    window_start,
+)
 
-__all__ = ["check_schedule", "generate", "get_num_transfer_tokens", "left_pad"]
+__all__ = [
+    "CACHE_MODES",
+    "MAX_SCHEDULE",
+    "RANDOM_SOURCES",
+    "REMASKING",
+    "check_schedule",
+    "generate",
+    "get_num_transfer_tokens",
+    "left_pad",
+]
 
-REMASKING = ("low_confidence", "random", "margin", "entropy")
-CACHE_MODES = ("none", "prefix", "dual")
-RANDOM_SOURCES = ("torch", "philox")
-_REMASK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def get_num_transfer_tokens(block_mask: Tensor, steps: int) -> Tensor:
-    """Per-row number of tokens to unmask at each step of a block.
-
-    Parameters
-    ----------
-    block_mask : Tensor
-        bool [B, W], True where the block is masked.
-    steps : int
-        Steps for this block.
-
-    Returns
-    -------
-    Tensor
-        int64 [B, steps]: ``m // steps`` everywhere plus one in the first ``m % steps``
-        steps, where ``m`` is the row's number of masks (the public LLaDA schedule).
-    """
-    mask_num = block_mask.sum(dim=1, keepdim=True)
-    base = mask_num // steps
-    remainder = mask_num % steps
-    step_idx = torch.arange(steps, device=block_mask.device)[None, :]
-    return (base + (step_idx < remainder).to(base.dtype)).to(torch.int64)
-
-
-# ------------------------------------------------------------------------------------------
-# argument checks
-# ------------------------------------------------------------------------------------------
-def _as_2d_ids(t: object, name: str, device: torch.device) -> Tensor:
-    if isinstance(t, (list, tuple)):
-        t = torch.tensor(t, dtype=torch.int64)
-    if not isinstance(t, Tensor):
-        raise TypeError(
-            f"{name} must be an int64 tensor [B, P] (or a list of ints), got {type(t).__name__}"
-        )
-    if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
-    if t.dim() == 1:
-        t = t[None]
-    if t.dim() != 2 or t.shape[0] == 0:
-        raise ValueError(f"{name} must have shape [B, P] with B >= 1, got {tuple(t.shape)}")
-    if t.shape[1] == 0:
-        raise ValueError(f"{name} is empty: the prompt needs at least one token")
-    return t.to(device=device, dtype=torch.int64)
-
-
-def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _finite_float(value: object, name: str, *, minimum: float | None = None) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float))
-    if ok:
-        value = float(value)
-        ok = value == value and abs(value) != float("inf")
-        if ok and minimum is not None:
-            ok = value >= minimum
-    if not ok:
-        bound = f" >= {minimum:g}" if minimum is not None else ""
-        raise ValueError(f"{name} must be a finite float{bound}, got {value!r}")
-    return value
-
-
-# Largest gen_length and steps a generation accepts: far beyond any use, small enough that an
-# absurd value is refused before any tensor of that size is allocated.
-MAX_SCHEDULE = 1 << 20
-
-
-def check_schedule(gen_length: object, steps: object, block_length: object) -> int:
-    """Check the block layout of a generation; return the steps per block.
-
-    Parameters
-    ----------
-    gen_length, steps, block_length : int
-        As for :func:`generate`: positive, ``block_length`` divides ``gen_length`` and the
-        number of blocks divides ``steps``.
-
-    Returns
-    -------
-    int
-        ``steps // (gen_length // block_length)``.
-    """
-    gen_length = _positive_int(gen_length, "gen_length")
-    steps = _positive_int(steps, "steps")
-    block_length = _positive_int(block_length, "block_length")
-    for value, name in ((gen_length, "gen_length"), (steps, "steps")):
-        if value > MAX_SCHEDULE:
-            raise ValueError(f"{name} ({value}) is beyond the supported maximum {MAX_SCHEDULE}")
-    if gen_length % block_length != 0:
-        raise ValueError(
-            f"gen_length ({gen_length}) must be a multiple of block_length ({block_length})"
-        )
-    num_blocks = gen_length // block_length
-    if steps % num_blocks != 0:
-        raise ValueError(
-            f"steps ({steps}) must be a multiple of the number of blocks "
-            f"gen_length // block_length = {num_blocks}"
-        )
-    return steps // num_blocks
+# likelihood.py and the lm-eval adapter import these two checks from here under these names
+_positive_int = positive_int
+_finite_float = finite_float
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -210,163 +142,6 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Ten
             ids[row, width - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.int64)
             mask[row, width - len(prompt) :] = 1
     return ids, mask
-
-
-# ------------------------------------------------------------------------------------------
-# the sampler
-# ------------------------------------------------------------------------------------------
-class _Decoder:
-    """One generation's state and its step units (eager or through :class:`SamplerGraphs`)."""
-
-    def __init__(self, model: torch.nn.Module, opts: dict[str, Any], runner: SamplerGraphs):
-        self.model = model
-        self.o = opts
-        self.runner = runner
-        s = runner.static
-        self.x, self.nt, self.zero = s["x"], s["nt"], s["zero"]
-        self.prompt_index = s.get("prompt_index")
-        self.model_mask = s.get("model_mask")
-        self.batch = self.x.shape[0]
-
-    # -- model parts -------------------------------------------------------------------------
-    def _inp(self, lo: int, hi: int) -> Tensor:
-        xs = self.x[:, lo:hi]
-        if self.o["use_cfg"]:
-            un = torch.where(self.prompt_index[:, lo:hi], self.o["mask_id"], xs)
-            return torch.cat([xs, un], dim=0)
-        return xs
-
-    def _head(self, hidden: Tensor) -> tuple[Tensor, Tensor | None]:
-        return self._split(self.model.lm_head(hidden))
-
-    def _split(self, logits: Tensor) -> tuple[Tensor, Tensor | None]:
-        if logits.dtype not in _REMASK_DTYPES:
-            logits = logits.float()
-        cond, uncond = logits, None
-        if self.o["use_cfg"]:
-            cond, uncond = logits[: self.batch], logits[self.batch :]
-        if self.o["forbid_eos"]:
-            # on the conditional logits only: u + (cfg + 1)(-inf - u) = -inf, while -inf on
-            # both halves would give NaN
-            cond[..., self.o["eos_id"]] = float("-inf")
-        return cond, uncond
-
-    # -- selection ---------------------------------------------------------------------------
-    def _select(self, cond: Tensor, uncond: Tensor | None, start: int, end: int) -> Tensor:
-        """Unmask this step's tokens in ``self.x``; return the confidence [B, W]."""
-        from llada_ext.ops import remask_
-
-        o = self.o
-        common = dict(
-            mask_id=o["mask_id"],
-            offset=start,
-            temperature=o["temperature"],
-            generator=o["generator"],
-            uncond_logits=uncond,
-            cfg_scale=o["cfg_scale"],
-            return_details=True,
-        )
-        if not o["torch_select"]:
-            _, _, conf = remask_(
-                cond, self.x, self.nt, strategy=o["remasking"], threshold=o["threshold"], **common
-            )
-            return conf
-        torch_random = o["remasking"] == "random" and o["random_source"] == "torch"
-        strategy = "low_confidence" if torch_random else o["remasking"]
-        # k = 0: predictions and confidences only, x is left as it is
-        _, x0, conf = remask_(cond, self.x, self.zero, strategy=strategy, **common)
-        window = self.x[:, start:end]
-        candidates = window == o["mask_id"]
-        if torch_random:
-            gen = o["generator"]
-            shape = (self.batch, self.x.shape[1])
-            if gen is None:
-                draw = torch.rand(shape, device=self.x.device)
-            else:
-                draw = torch.rand(shape, generator=gen, device=gen.device).to(self.x.device)
-            conf = torch.where(candidates, draw[:, start:end], float("-inf"))
-        if o["zero_eos_confidence"]:
-            ends = (x0 == o["eos_id"]) | (x0 == o["eot_id"])
-            if strategy == "low_confidence" and not torch_random:
-                conf = self._without_end_tokens(cond, uncond, x0, conf)
-            conf = torch.where(candidates & ends, DEMOTED, conf)
-        take = select_transfer(conf, self.nt, threshold=o["threshold"], factor=o["factor"])
-        window.copy_(torch.where(take, x0, window))
-        return conf
-
-    def _without_end_tokens(
-        self, cond: Tensor, uncond: Tensor | None, x0: Tensor, conf: Tensor
-    ) -> Tensor:
-        """``softmax(l)[x0]`` renormalised over the vocabulary without EOS and EoT.
-
-        With ``p = conf = softmax(l)[x0]``, ``p_e = p * exp(l_e - l_x0)`` for an end token e,
-        so only three logit columns per position are read, not the vocabulary.
-        """
-        o = self.o
-        ends = sorted({o["eos_id"], o["eot_id"]})
-        cols = torch.cat(
-            [x0[..., None], torch.tensor(ends, device=x0.device).expand(*x0.shape, len(ends))],
-            dim=-1,
-        )
-        picked = cond.gather(-1, cols).float()
-        if uncond is not None:
-            u = uncond.gather(-1, cols).float()
-            picked = u + (o["cfg_scale"] + 1.0) * (picked - u)
-        rel = torch.exp(picked[..., 1:] - picked[..., :1]).sum(dim=-1)
-        rest = (1.0 - conf * rel).clamp_min(torch.finfo(torch.float32).tiny)
-        return torch.where(conf > float("-inf"), conf / rest, conf)
-
-    # -- units -------------------------------------------------------------------------------
-    def _finish(self, logits: tuple[Tensor, Tensor | None], start: int, end: int) -> Any:
-        if self.o["select_in_unit"]:
-            return self._select(logits[0], logits[1], start, end)
-        return logits
-
-    def step(self, nb: int, start: int, end: int, full: bool) -> Tensor:
-        """One sampling step of block ``nb`` over the window ``[start, end)`` (the block, or
-        from an earlier still-masked position to the block end); returns the confidence
-        [B, end - start]."""
-        o, m, run = self.o, self.model, self.runner.run
-        total = self.x.shape[1]
-        if o["cache"] == "none":
-
-            def unit() -> Any:
-                if o["has_hidden"]:
-                    hidden = m.forward_hidden(self._inp(0, total), self.model_mask)
-                    logits = self._head(hidden[:, start:end])
-                else:
-                    out = m(self._inp(0, total), attention_mask=self.model_mask).logits
-                    logits = self._split(out[:, start:end])
-                return self._finish(logits, start, end)
-
-            out = run(("step", nb, start), unit)
-        elif full:
-            from llada_ext.model import KVCache
-
-            def full_pass() -> tuple[Tensor, Any]:
-                kv = KVCache()
-                return m.forward_hidden(self._inp(0, total), self.model_mask, kv_cache=kv), kv
-
-            state = self.runner.state
-            state["hidden"], state["kv"] = run(("full",), full_pass, persistent=True)
-            out = run(
-                ("head", nb, start),
-                lambda: self._finish(self._head(state["hidden"][:, start:end]), start, end),
-            )
-        else:
-            state = self.runner.state
-            hi = total if o["cache"] == "prefix" else end
-
-            def slice_pass() -> Any:
-                hidden = m.forward_hidden(
-                    self._inp(start, hi), self.model_mask, kv_cache=state["kv"], cache_start=start
-                )
-                return self._finish(self._head(hidden[:, : end - start]), start, end)
-
-            out = run(("slice", nb, start), slice_pass)
-        if o["select_in_unit"]:
-            return out
-        return self._select(out[0], out[1], start, end)
 
 
 @torch.no_grad()
@@ -464,190 +239,48 @@ def generate(
         :func:`llada_ext.sampling.decode_answers`).
     """
     device = model_device(model)
-    prompt = _as_2d_ids(prompt_ids, "prompt_ids", device)
-    batch, plen = prompt.shape
+    prompt = as_2d_ids(prompt_ids, "prompt_ids", device)
+    plen = prompt.shape[1]
     steps_per_block = check_schedule(gen_length, steps, block_length)
     warn_if_too_long(model, plen + gen_length, "prompt + gen_length")
-    num_blocks = gen_length // block_length
-    if remasking not in REMASKING:
-        raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
-    if cache not in CACHE_MODES:
-        raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
-    if random_source not in RANDOM_SOURCES:
-        raise ValueError(f"random_source must be one of {RANDOM_SOURCES}, got {random_source!r}")
-    temperature = _finite_float(temperature, "temperature", minimum=0.0)
-    cfg_scale = _finite_float(cfg_scale, "cfg_scale", minimum=0.0)
-    if threshold is not None:
-        threshold = _finite_float(threshold, "threshold")
-    if factor is not None:
-        factor = _finite_float(factor, "factor", minimum=0.0)
-        if factor == 0.0:
-            raise ValueError("factor must be > 0")
-        if threshold is not None:
-            raise ValueError("threshold and factor are two parallel decoding rules; pick one")
-        if remasking not in ("low_confidence", "margin"):
-            raise ValueError(
-                f"factor needs a probability-valued confidence (remasking 'low_confidence' or "
-                f"'margin'), got remasking={remasking!r}"
-            )
-    if cache_refresh is not None:
-        cache_refresh = _positive_int(cache_refresh, "cache_refresh")
-        if cache == "none":
-            raise ValueError("cache_refresh needs cache='prefix' or 'dual'")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-    has_hidden = hasattr(model, "forward_hidden") and hasattr(model, "lm_head")
-    if cache != "none" and not has_hidden:
-        raise ValueError("cache='prefix'/'dual' needs an LLaDAModel (forward_hidden + lm_head)")
-    config = getattr(model, "config", None)
-    mask_id = config_token_id(config, "mask_token_id", mask_id, "mask_id", "a model")
-    if forbid_eos or zero_eos_confidence or eos_early_stop:
-        eos_id = config_token_id(config, "eos_token_id", eos_id, "eos_id", "the EOS options")
-    if zero_eos_confidence and eot_id is None:
-        eot_id = getattr(config, "eot_token_id", None) if config is not None else None
-    vocab = getattr(config, "vocab_size", None) if config is not None else None
-    for name, value in (("mask_id", mask_id), ("eos_id", eos_id), ("eot_id", eot_id)):
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if value < 0 or (vocab is not None and value >= vocab):
-            raise ValueError(f"{name} must be a token id in [0, {vocab}), got {value}")
-    in_prompt = prompt == mask_id
-    if bool(in_prompt.any()):
-        rows = sorted({int(r) for r in in_prompt.nonzero()[:, 0].tolist()})
-        raise ValueError(
-            f"prompt_ids contains mask_id {mask_id} (rows {rows}); the prompt must be given "
-            f"tokens only (pad with another id, e.g. EOS, and set attention_mask)"
-        )
-    if attention_mask is not None:
-        if not isinstance(attention_mask, Tensor):
-            raise TypeError("attention_mask must be a tensor [B, P]")
-        if attention_mask.dim() == 1:
-            attention_mask = attention_mask[None]
-        if tuple(attention_mask.shape) != (batch, plen):
-            raise ValueError(
-                f"attention_mask must have shape {(batch, plen)}, got {tuple(attention_mask.shape)}"
-            )
-        attention_mask = attention_mask.to(device)
-        empty = ~(attention_mask != 0).any(dim=1)
-        if bool(empty.any()):
-            raise ValueError(
-                f"attention_mask rows {empty.nonzero()[:, 0].tolist()} have no real token "
-                f"(empty prompts)"
-            )
-        attention_mask = torch.cat(
-            [
-                attention_mask,
-                torch.ones(batch, gen_length, dtype=attention_mask.dtype, device=device),
-            ],
-            dim=-1,
-        )
-
-    if isinstance(cuda_graphs, SamplerGraphs):
-        runner = cuda_graphs
-    elif isinstance(cuda_graphs, bool):
-        runner = SamplerGraphs(capture=cuda_graphs)  # prepare() refuses capture off CUDA
-    else:
-        raise TypeError(
-            f"cuda_graphs must be a bool or a SamplerGraphs, got {type(cuda_graphs).__name__}"
-        )
-
-    use_cfg = cfg_scale > 0
-    random_draws = temperature > 0 or remasking == "random"
-    opts: dict[str, Any] = dict(
-        mask_id=mask_id,
-        eos_id=eos_id,
-        eot_id=eot_id if eot_id is not None else eos_id,
-        use_cfg=use_cfg,
-        has_hidden=has_hidden,
-        cache=cache,
-        remasking=remasking,
+    opts = check_options(
+        model,
         temperature=temperature,
         cfg_scale=cfg_scale,
-        threshold=threshold,
-        factor=factor,
+        remasking=remasking,
+        mask_id=mask_id,
+        generator=generator,
+        eos_id=eos_id,
+        eot_id=eot_id,
         forbid_eos=forbid_eos,
         zero_eos_confidence=zero_eos_confidence,
+        cache=cache,
+        cache_refresh=cache_refresh,
+        threshold=threshold,
+        factor=factor,
+        eos_early_stop=eos_early_stop,
         random_source=random_source,
-        generator=generator,
-        torch_select=(
-            factor is not None
-            or zero_eos_confidence
-            or (remasking == "random" and random_source == "torch")
-        ),
-        # a recorded unit would freeze the Philox seed / the torch.rand draw: with random
-        # draws the selection runs after the unit, eagerly
-        select_in_unit=not (runner.freezes_randomness and random_draws),
+        callback=callback,
     )
-    total = plen + gen_length
-    rows = 2 * batch if use_cfg else batch
-    shapes = {
-        "x": ((batch, total), torch.int64),
-        "nt": ((batch,), torch.int64),
-        "zero": ((batch,), torch.int64),
-    }
-    if use_cfg:
-        shapes["prompt_index"] = ((batch, total), torch.bool)
-    if attention_mask is not None:
-        shapes["model_mask"] = ((rows, total), attention_mask.dtype)
-    key = (
-        batch,
-        plen,
-        gen_length,
-        block_length,
-        tuple((k, v) for k, v in sorted(opts.items()) if k != "generator"),
-        tuple(shapes.items()),
-        id(model),
-    )
-    runner.prepare(key, shapes, device)
-    static = runner.static
-    x = static["x"]
-    x.fill_(mask_id)
-    x[:, :plen] = prompt
-    static["zero"].zero_()
-    if use_cfg:
-        # as in the reference: everything that is not a mask at the start counts as prompt,
-        # padding included, and the unconditional pass masks all of it
-        static["prompt_index"].copy_(x != mask_id)
-    if attention_mask is not None:
-        mm = torch.cat([attention_mask, attention_mask]) if use_cfg else attention_mask
-        static["model_mask"].copy_(mm)
-    decoder = _Decoder(model, opts, runner)
-    early_exit = threshold is not None or factor is not None
-
+    model_mask = check_prompt(prompt, opts.mask_id, attention_mask, gen_length)
+    runner = as_runner(cuda_graphs)
+    state = SamplerState.begin(model, opts, runner, prompt, model_mask, gen_length, block_length)
+    x = state.x
+    num_blocks = gen_length // block_length
     step_index = 0
     for nb in range(num_blocks):
         start = plen + nb * block_length
         end = start + block_length
-        schedule = get_num_transfer_tokens(x[:, start:end] == mask_id, steps_per_block)
-        # A position whose prediction was the mask token itself stays masked. The reference
-        # keeps every mask left of the block end a candidate, so such a leftover of an earlier
-        # block joins the window of the later blocks (the schedule still counts the block's
-        # masks only). Almost never the case for a trained model: checked once per block.
-        lo = start
-        if nb > 0:
-            left = (x[:, plen:start] == mask_id).any(dim=0)
-            if bool(left.any()):
-                lo = plen + int(left.int().argmax())
+        schedule = get_num_transfer_tokens(x[:, start:end] == opts.mask_id, steps_per_block)
+        lo = window_start(x, plen, start, opts.mask_id)
         for i in range(steps_per_block):
-            if early_exit and i > 0 and not bool((x[:, lo:end] == mask_id).any()):
+            if opts.early_exit and i > 0 and block_done(x, lo, end, opts.mask_id):
                 break  # the threshold / factor rule finished the block early
-            static["nt"].copy_(schedule[:, i])
-            full = i == 0 or (cache_refresh is not None and i % cache_refresh == 0)
-            conf = decoder.step(nb, lo, end, full)
+            conf = state.step(nb, lo, end, schedule[:, i], needs_full_pass(i, cache_refresh))
             if callback is not None:
                 callback(step_index, x, conf)
             step_index += 1
-        if eos_early_stop and nb + 1 < num_blocks:
-            answer = x[:, plen:end]
-            is_eos = answer == eos_id
-            has_eos = is_eos.any(dim=1)
-            first = torch.where(has_eos, is_eos.int().argmax(dim=1), answer.shape[1])
-            # EOS from the first EOS through the end of the block, in every row
-            if bool((has_eos & (is_eos.sum(dim=1) == answer.shape[1] - first)).all()):
-                x[:, end:] = eos_id
-                break
+        if eos_early_stop and nb + 1 < num_blocks and answers_end_in_eos(x, plen, end, opts.eos_id):
+            x[:, end:] = opts.eos_id  # what an SFT model predicts after its answer's EOS
+            break
     return x.clone()
