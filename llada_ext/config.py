@@ -45,6 +45,37 @@ _ARCHITECTURE = {
 }
 
 
+#: The presets of :meth:`LLaDAConfig.preset`: the fields each sets; the others keep LLaDA-8B's.
+_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "d_model": 128,
+        "n_layers": 4,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "mlp_hidden_size": 352,
+        "vocab_size": 260,
+        "max_sequence_length": 256,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5,
+        "mask_token_id": 258,
+        "eos_token_id": 257,
+        "bos_token_id": 256,
+        "pad_token_id": 257,
+        "eot_token_id": 259,
+        "initializer_range": 0.02,
+    },
+    "1b": {
+        "d_model": 2048,
+        "n_layers": 22,
+        "n_heads": 32,
+        "n_kv_heads": 4,
+        "mlp_hidden_size": 5634,
+        "max_sequence_length": 4096,
+    },
+    "8b": {},
+}
+
+
 def _check_architecture(data: dict[str, Any]) -> None:
     for key, allowed in _ARCHITECTURE.items():
         if key in data and not any(
@@ -184,37 +215,10 @@ class LLaDAConfig:
         -------
         LLaDAConfig
         """
-        key = name.lower()
-        if key == "tiny":
-            return cls(
-                d_model=128,
-                n_layers=4,
-                n_heads=4,
-                n_kv_heads=2,
-                mlp_hidden_size=352,
-                vocab_size=260,
-                max_sequence_length=256,
-                rope_theta=10000.0,
-                rms_norm_eps=1e-5,
-                mask_token_id=258,
-                eos_token_id=257,
-                bos_token_id=256,
-                pad_token_id=257,
-                eot_token_id=259,
-                initializer_range=0.02,
-            )
-        if key == "1b":
-            return cls(
-                d_model=2048,
-                n_layers=22,
-                n_heads=32,
-                n_kv_heads=4,
-                mlp_hidden_size=5634,
-                max_sequence_length=4096,
-            )
-        if key == "8b":
-            return cls()
-        raise ValueError(f"unknown preset {name!r}; expected one of 'tiny', '1b', '8b'")
+        sizes = _PRESETS.get(name.lower())
+        if sizes is None:
+            raise ValueError(f"unknown preset {name!r}; expected one of 'tiny', '1b', '8b'")
+        return cls(**sizes)
 
     # -- published config.json format ---------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -283,24 +283,20 @@ def run_demo(
 
     Parameters
     ----------
-    steps : int
-        Optimizer steps.
+    steps, batch_size : int
+        Optimizer steps, and sequences per step.
     device : str or torch.device
         "auto" (CUDA when available), "cpu" or "cuda".
     out : str or Path
         Output folder of the run (weights, checkpoints, metrics).
     seed : int
         Seed of the initialisation, data order and masks.
-    batch_size : int
-        Sequences per step.
     lr : float
         Peak learning rate.
     eval_size : int
         Held-out prompts to evaluate (at most the size of the test split).
-    throughput : bool
-        Also time kernels vs torch training steps.
-    progress : bool
-        Show the progress bar.
+    throughput, progress : bool
+        Also time kernels vs torch training steps; show the progress bar.
     backend : {"kernels", "torch"}, optional
         Training backend; default kernels when they run on the device.
 
@@ -310,8 +306,6 @@ def run_demo(
         ``accuracy`` (per task and "all"), ``initial_loss``, ``final_loss``, ``train_seconds``,
         ``tokens_per_s`` ({"kernels", "torch"} when timed) and ``out``.
     """
-    from .model import LLaDAConfig, LLaDAModel
-    from .training import TrainConfig, Trainer
     from .training.distributed import resolve_device
 
     dev = resolve_device(device)
@@ -319,15 +313,46 @@ def run_demo(
         backend = "kernels" if _kernels_available(dev) else "torch"
     dataset = build_demo_dataset()
     test = load_demo_corpus("test")[: max(1, eval_size)]
+    first = load_demo_corpus("train")[0]
     print(
         f"llada-ext demo: {len(dataset)} training examples like "
-        f"{load_demo_corpus('train')[0]['prompt']!r} -> "
-        f"{load_demo_corpus('train')[0]['response']!r}; device {dev}, backend {backend}"
+        f"{first['prompt']!r} -> {first['response']!r}; device {dev}, backend {backend}"
     )
-    torch.manual_seed(seed)
-    model = LLaDAModel(LLaDAConfig.preset("tiny"), backend=backend)
-    init_state = copy.deepcopy(model)
-    cfg = TrainConfig(
+    cfg = _train_config(out, steps, batch_size, lr, seed, progress)
+    run = _train(dataset, cfg, backend=backend, device=dev)
+    if run.result.interrupted:
+        return {"interrupted": True, "out": str(out)}
+    gen = _write_sampling_settings(out, run.model.config)
+    acc, examples = _evaluate_saved_run(out, test, device=dev, backend=backend)
+    _print_try_it(out, examples, gen)
+    rates = _time_backends(run.init_state, dataset, dev) if throughput else {}
+    return {
+        "accuracy": acc,
+        "initial_loss": run.initial_loss,
+        "final_loss": run.final_loss,
+        "train_seconds": run.seconds,
+        "out": str(out),
+        "tokens_per_s": rates,
+    }
+
+
+class _TrainedRun(NamedTuple):
+    model: torch.nn.Module  # the trained model
+    init_state: torch.nn.Module  # a copy of the model before training
+    result: Any  # the Trainer's result
+    seconds: float
+    initial_loss: float
+    final_loss: float
+
+
+def _train_config(
+    out: str | Path, steps: int, batch_size: int, lr: float, seed: int, progress: bool
+) -> Any:
+    """The demo's SFT run into ``out``: a short warm-up, the learning rate decaying over the
+    last 30% of the steps, no weight decay, no intermediate checkpoints."""
+    from .training import TrainConfig
+
+    return TrainConfig(
         objective="sft",
         out_dir=str(out),
         steps=steps,
@@ -341,7 +366,18 @@ def run_demo(
         keep_last=1,
         progress=progress,
     )
-    trainer = Trainer(model, dataset, cfg, device=dev)
+
+
+def _train(dataset: Any, cfg: Any, *, backend: str, device: torch.device) -> _TrainedRun:
+    """Fine-tune a freshly initialised tiny model on the demo rows with ``cfg`` and print
+    the loss at the start and at the end."""
+    from .model import LLaDAConfig, LLaDAModel
+    from .training import Trainer
+
+    torch.manual_seed(cfg.seed)
+    model = LLaDAModel(LLaDAConfig.preset("tiny"), backend=backend)
+    init_state = copy.deepcopy(model)
+    trainer = Trainer(model, dataset, cfg, device=device)
     t0 = time.perf_counter()
     result = trainer.train()
     train_s = time.perf_counter() - t0
@@ -350,20 +386,29 @@ def run_demo(
     final = sum(result.losses[-k:]) / k if result.losses else float("nan")
     print(
         f"trained {result.step} steps in {train_s:.0f} s: loss {initial:.3f} -> {final:.3f}; "
-        f"saved to {out} (checkpoint {result.checkpoint})"
+        f"saved to {cfg.out_dir} (checkpoint {result.checkpoint})"
     )
-    if result.interrupted:
-        return {"interrupted": True, "out": str(out)}
+    return _TrainedRun(model, init_state, result, train_s, initial, final)
 
-    # Sampling settings that fit the task (the longest prompt plus the answer fill the trained
-    # rows), so `llada-ext sample --model <out>` works on this folder as it is.
+
+def _write_sampling_settings(out: str | Path, config: Any) -> int:
+    """Write the run's ``generation_config.json``; return its answer length.
+
+    The settings fit the task (the longest prompt plus the answer fill the trained rows), so
+    ``llada-ext sample --model <out>`` works on the folder as it is.
+    """
     gen = DEMO_SEQ_LEN - max(len(r["prompt"]) for r in load_demo_corpus("train"))
-    write_generation_config(
-        out, {"gen_length": gen, "steps": gen, "block_length": gen}, model.config
-    )
+    write_generation_config(out, {"gen_length": gen, "steps": gen, "block_length": gen}, config)
+    return gen
 
-    # Evaluate the saved run, as a user would load it.
-    loaded = LLaDAModel.from_pretrained(out, device=dev, backend=backend)
+
+def _evaluate_saved_run(
+    out: str | Path, test: list[dict[str, str]], *, device: torch.device, backend: str
+) -> tuple[dict[str, float], list[tuple[str, str, str]]]:
+    """Evaluate the saved run, loaded as a user would load it, and print the accuracy."""
+    from .model import LLaDAModel
+
+    loaded = LLaDAModel.from_pretrained(out, device=device, backend=backend)
     acc, examples = evaluate_exact_match(loaded, test)
     print(f"held-out exact match over {len(test)} prompts (chance ~0%):")
     for task, a in acc.items():
@@ -373,8 +418,12 @@ def run_demo(
     for prompt, want, got in examples[:6]:
         mark = "ok " if want == got else "err"
         print(f"  [{mark}] {prompt}{got!r:10s} (expected {want!r})")
+    return acc, examples
 
-    # A held-out prompt whose evaluation above ran with the folder's own settings (prompt and
+
+def _print_try_it(out: str | Path, examples: list[tuple[str, str, str]], gen: int) -> None:
+    """Print a ``llada-ext sample`` command on the run and the answer it gives."""
+    # A held-out prompt whose evaluation ran with the folder's own settings (prompt and
     # answer fill the trained rows), so the printed command answers exactly as shown.
     fits = [e for e in examples if len(e[0]) + gen == DEMO_SEQ_LEN] or examples
     prompt, _, got = fits[0]
@@ -382,26 +431,22 @@ def run_demo(
     exe = sys.argv[0] if os.path.basename(sys.argv[0]) == "llada-ext" else "llada-ext"
     print(f"try it: {exe} sample --model {shlex.quote(str(out))} --prompt {shlex.quote(prompt)}")
     print(f"  it prints: {prompt}{got}")
-    res: dict[str, Any] = {
-        "accuracy": acc,
-        "initial_loss": initial,
-        "final_loss": final,
-        "train_seconds": train_s,
-        "out": str(out),
-        "tokens_per_s": {},
-    }
-    if throughput:
-        rates = {}
-        for b in ("kernels", "torch"):
-            if b == "kernels" and not _kernels_available(dev):
-                continue
-            rates[b] = measure_throughput(init_state, dataset, backend=b, device=dev)
-        res["tokens_per_s"] = rates
-        line = ", ".join(f"{b} {r:,.0f} tokens/s" for b, r in rates.items())
-        if "kernels" in rates and "torch" in rates:
-            line += f"; kernels / torch = {rates['kernels'] / rates['torch']:.2f}x"
-        print(f"training throughput (tiny model, batch 64 x {DEMO_SEQ_LEN}, {dev}): {line}")
-    return res
+
+
+def _time_backends(
+    init_state: torch.nn.Module, dataset: Any, device: torch.device
+) -> dict[str, float]:
+    """Training tokens per second with each backend that runs on ``device``; printed."""
+    rates = {}
+    for b in ("kernels", "torch"):
+        if b == "kernels" and not _kernels_available(device):
+            continue
+        rates[b] = measure_throughput(init_state, dataset, backend=b, device=device)
+    line = ", ".join(f"{b} {r:,.0f} tokens/s" for b, r in rates.items())
+    if "kernels" in rates and "torch" in rates:
+        line += f"; kernels / torch = {rates['kernels'] / rates['torch']:.2f}x"
+    print(f"training throughput (tiny model, batch 64 x {DEMO_SEQ_LEN}, {device}): {line}")
+    return rates
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:

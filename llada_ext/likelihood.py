@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .model import config_token_id, model_device, warn_if_too_long
+from .sampling.options import positive_int
 
 __all__ = ["log_likelihood", "score_choices", "stratified_mask"]
 
@@ -130,19 +131,7 @@ def log_likelihood(
     float
         The estimated log-likelihood.
     """
-    if isinstance(mc_num, bool) or not isinstance(mc_num, int) or mc_num <= 0:
-        raise ValueError(f"mc_num must be a positive int, got {mc_num!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if mc_num % batch_size != 0:
-        raise ValueError(f"mc_num ({mc_num}) must be a multiple of batch_size ({batch_size})")
-    if (
-        isinstance(cfg_scale, bool)
-        or not isinstance(cfg_scale, (int, float))
-        or not cfg_scale >= 0
-        or cfg_scale == float("inf")
-    ):
-        raise ValueError(f"cfg_scale must be a finite float >= 0, got {cfg_scale!r}")
+    _check_estimator(mc_num, batch_size, cfg_scale)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     prompt = _as_1d_ids(prompt_ids, "prompt_ids")
@@ -155,24 +144,53 @@ def log_likelihood(
     )
 
     device = model_device(model)
-    plen, alen = prompt.numel(), answer.numel()
+    plen = prompt.numel()
     seq = torch.cat([prompt, answer]).to(device)[None].expand(batch_size, -1).contiguous()
     total = torch.zeros((), dtype=torch.float64, device=device)
     for _ in range(mc_num // batch_size):
-        is_mask, num_masked = stratified_mask(alen, batch_size, generator)
-        is_mask, num_masked = is_mask.to(device), num_masked.to(device)
-        noisy = seq.clone()
-        noisy[:, plen:] = torch.where(is_mask, mask_id, seq[:, plen:])
-        weights = torch.zeros(batch_size, plen + alen, dtype=torch.float32, device=device)
-        weights[:, plen:] = is_mask * (alen / num_masked.to(torch.float32))[:, None]
-        inp = noisy
-        if cfg_scale > 0:
-            uncond = noisy.clone()
-            uncond[:, :plen] = mask_id
-            inp = torch.cat([noisy, uncond], dim=0)
+        inp, weights = _noisy_batch(seq, plen, mask_id, cfg_scale, generator)
         loss = _masked_loss(model, inp, seq, weights, cfg_scale)
         total += loss.double() / batch_size
     return -float(total) / (mc_num // batch_size)
+
+
+def _check_estimator(mc_num: object, batch_size: object, cfg_scale: object) -> None:
+    """The Monte Carlo settings of :func:`log_likelihood`; ValueError naming a bad one."""
+    positive_int(mc_num, "mc_num")
+    positive_int(batch_size, "batch_size")
+    if mc_num % batch_size != 0:
+        raise ValueError(f"mc_num ({mc_num}) must be a multiple of batch_size ({batch_size})")
+    if (
+        isinstance(cfg_scale, bool)
+        or not isinstance(cfg_scale, (int, float))
+        or not cfg_scale >= 0
+        or cfg_scale == float("inf")
+    ):
+        raise ValueError(f"cfg_scale must be a finite float >= 0, got {cfg_scale!r}")
+
+
+def _noisy_batch(
+    seq: Tensor, plen: int, mask_id: int, cfg_scale: float, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """One mini-batch of masked copies of ``seq`` [B, P + L] and their CE weights.
+
+    Returns the model input (the unconditional rows, prompt masked too, appended when
+    ``cfg_scale > 0``) and float32 weights [B, P + L]: ``L / l_j`` on row j's masked answer
+    tokens, 0 elsewhere.
+    """
+    batch_size, device = seq.shape[0], seq.device
+    alen = seq.shape[1] - plen
+    is_mask, num_masked = stratified_mask(alen, batch_size, generator)
+    is_mask, num_masked = is_mask.to(device), num_masked.to(device)
+    noisy = seq.clone()
+    noisy[:, plen:] = torch.where(is_mask, mask_id, seq[:, plen:])
+    weights = torch.zeros(batch_size, plen + alen, dtype=torch.float32, device=device)
+    weights[:, plen:] = is_mask * (alen / num_masked.to(torch.float32))[:, None]
+    if cfg_scale > 0:
+        uncond = noisy.clone()
+        uncond[:, :plen] = mask_id
+        return torch.cat([noisy, uncond], dim=0), weights
+    return noisy, weights
 
 
 def _masked_loss(
@@ -214,37 +232,27 @@ def score_choices(
 ) -> list[float]:
     """Score the answers of a multiple-choice question by their log-likelihood (Alg. 3).
 
-    Each choice is scored with :func:`log_likelihood` given the same context. The choices
-    share their Monte Carlo draws (common random numbers): every choice starts from the same
-    generator state, so two choices of equal length are evaluated on identical mask patterns
-    and the difference of their scores, which decides the ranking, has far less variance than
-    that of independent estimates. Each score is still an unbiased estimate of its own
-    bound.
+    Each choice is scored with :func:`log_likelihood` given the same context, and every one
+    from the same generator state (common random numbers): choices of equal length see
+    identical mask patterns, so the difference of their scores, which decides the ranking,
+    has far less variance than independent estimates would have. Each score is still an
+    unbiased estimate of its own bound.
 
     Parameters
     ----------
-    model : LLaDAModel
-        Mask predictor (uses ``forward_hidden`` and ``lm_head``).
+    model, mc_num, batch_size, cfg_scale, mask_id
+        As for :func:`log_likelihood` (``mc_num`` samples per choice; the unconditional pass
+        of guidance masks the context).
     context : Tensor or list of int
         int64 [P] context (question / prompt, may be empty); never masked.
     choices : list of (Tensor or list of int)
         The candidate answers, each int64 [L_i] with ``L_i >= 1``.
-    mc_num : int
-        Monte Carlo samples per choice; a multiple of ``batch_size``.
-    batch_size : int
-        Samples per forward pass.
-    cfg_scale : float
-        Classifier-free guidance scale (0 = off); the unconditional pass masks the context.
-    mask_id : int, optional
-        Default ``model.config.mask_token_id``.
     generator : torch.Generator, optional
-        Randomness of the masking draws. Every choice is scored from the state the generator
-        has on entry, so ``score_choices(..., generator=g)[i]`` equals
-        ``log_likelihood(model, context, choices[i], ..., generator=g')`` for a ``g'`` in
-        that same state (e.g. the same seed). On return the generator is where scoring the
-        last choice left it, so the next call draws afresh. Without a generator, one is
-        seeded from torch's global random number generator, so the choices still share
-        their draws.
+        Randomness of the masking draws: ``score_choices(..., generator=g)[i]`` equals
+        ``log_likelihood(model, context, choices[i], ..., generator=g')`` for a ``g'`` in the
+        state ``g`` has on entry (e.g. the same seed). On return ``g`` is where scoring the
+        last choice left it, so the next call draws afresh. Default: a generator seeded from
+        torch's global random number generator (the choices still share their draws).
     normalize : bool
         Divide each log-likelihood by its choice's length in tokens (a per-token score that
         does not favour short answers).
@@ -262,6 +270,23 @@ def score_choices(
     TypeError
         ``context`` or a choice is not a sequence of token ids.
     """
+    ctx, answers, generator = _choice_arguments(context, choices, generator)
+    state = generator.get_state()
+    scores = []
+    for answer in answers:
+        generator.set_state(state)
+        ll = log_likelihood(
+            model, ctx, answer, mc_num, batch_size, cfg_scale, mask_id=mask_id, generator=generator
+        )
+        scores.append(ll / answer.numel() if normalize else ll)
+    return scores
+
+
+def _choice_arguments(
+    context: object, choices: object, generator: torch.Generator | None
+) -> tuple[Tensor, list[Tensor], torch.Generator]:
+    """The context [P] and every choice [L_i] of :func:`score_choices` as int64 tensors, and
+    the generator to score them with (a freshly seeded one when ``generator`` is None)."""
     if isinstance(choices, (str, bytes, Tensor)) or not isinstance(choices, Sequence):
         raise TypeError(
             "choices must be a list of token id sequences (tensors [L] or lists of ints), "
@@ -279,19 +304,4 @@ def score_choices(
         generator = torch.Generator().manual_seed(seed)
     elif not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    state = generator.get_state()
-    scores = []
-    for answer in answers:
-        generator.set_state(state)
-        ll = log_likelihood(
-            model,
-            ctx,
-            answer,
-            mc_num=mc_num,
-            batch_size=batch_size,
-            cfg_scale=cfg_scale,
-            mask_id=mask_id,
-            generator=generator,
-        )
-        scores.append(ll / answer.numel() if normalize else ll)
-    return scores
+    return ctx, answers, generator

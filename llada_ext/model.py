@@ -23,12 +23,8 @@ against cached keys and values of the rest (block caching, see ``llada_ext.sampl
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,23 +35,17 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import LLaDAConfig, config_token_id
 from .model_files import (
-    CHECKSUMS_NAME,
-    WEIGHTS_INDEX_NAME,
-    WEIGHTS_NAME,
-    check_against_config,
-    read_header,
-    shard_files,
-    verify_checksums,
-    write_checksums,
+    DEFAULT_MAX_SHARD_BYTES,
+    checked_weight_files,
+    read_folder_config,
+    read_weights,
+    write_model_folder,
 )
 
 __all__ = ["KVCache", "LLaDAConfig", "LLaDAModel", "ModelOutput", "config_token_id"]
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
-DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
-_WEIGHT_FILE = re.compile(r"model\.safetensors|model-\d{5}-of-\d{5}\.safetensors")
 BACKENDS = ("kernels", "torch")
 
 
@@ -191,6 +181,26 @@ def _torch_attention(
     if has_key is not None:
         out = out * has_key[:, None, None, None].to(out.dtype)
     return out
+
+
+def _sequence_length(t: int, kv_cache: KVCache | None, cache_start: int | None) -> int:
+    """Length of the sequence a forward over ``t`` tokens sees: ``t``, or in a slice pass the
+    cached sequence's; ValueError when the cache arguments do not fit together."""
+    if cache_start is not None and kv_cache is None:
+        raise ValueError("cache_start requires kv_cache")
+    if kv_cache is not None and cache_start is None and kv_cache.k:
+        raise ValueError("a full pass needs an empty kv_cache")
+    if cache_start is None:
+        return t
+    total = kv_cache.seq_len
+    if total == 0:
+        raise ValueError("kv_cache is empty; run a full pass with it first")
+    if not 0 <= cache_start <= total - t:
+        raise ValueError(
+            f"slice [{cache_start}, {cache_start + t}) is outside the "
+            f"cached sequence of length {total}"
+        )
+    return total
 
 
 class LLaDABlock(nn.Module):
@@ -362,21 +372,7 @@ class LLaDAModel(nn.Module):
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
         b, t = input_ids.shape
-        if cache_start is not None and kv_cache is None:
-            raise ValueError("cache_start requires kv_cache")
-        if kv_cache is not None and cache_start is None and kv_cache.k:
-            raise ValueError("a full pass needs an empty kv_cache")
-        if cache_start is not None:
-            total = kv_cache.seq_len
-            if total == 0:
-                raise ValueError("kv_cache is empty; run a full pass with it first")
-            if not 0 <= cache_start <= total - t:
-                raise ValueError(
-                    f"slice [{cache_start}, {cache_start + t}) is outside the "
-                    f"cached sequence of length {total}"
-                )
-        else:
-            total = t
+        total = _sequence_length(t, kv_cache, cache_start)
         start = 0 if cache_start is None else cache_start
 
         key_mask = None
@@ -464,49 +460,19 @@ class LLaDAModel(nn.Module):
         ValueError
             Malformed config/index, missing or unexpected weights, or wrong shapes.
         """
-        from safetensors import SafetensorError, safe_open
-
         folder = Path(folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"checkpoint folder {str(folder)!r} does not exist")
-        config_path = folder / CONFIG_NAME
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{str(config_path)!r} not found: not a LLaDA checkpoint")
-        try:
-            config = LLaDAConfig.from_dict(json.loads(config_path.read_text()))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{str(config_path)!r} is not valid JSON: {e}") from e
+        config = read_folder_config(folder)
         if dtype is not None and (
             not isinstance(dtype, torch.dtype) or not dtype.is_floating_point
         ):
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         device = torch.device("cpu" if device is None else device)
-
         # Everything the folder declares is checked before a module is built or a byte of
         # tensor data is read: shard names, headers, and config.json against the headers.
-        files = shard_files(folder)
-        verify_checksums(folder)
-        check_against_config({f: read_header(f) for f in files}, config, folder)
+        files = checked_weight_files(folder, config)
         with torch.device("meta"):
             model = cls(config, backend=backend)
-
-        state: dict[str, torch.Tensor] = {}
-        for shard in files:
-            try:
-                # safetensors wants "cuda:N" spelled out; torch.device gives that via str()
-                with safe_open(str(shard), framework="pt", device=str(device)) as f:
-                    for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                        tensor = f.get_tensor(name)
-                        if dtype is not None and tensor.dtype != dtype:
-                            tensor = tensor.to(dtype)  # one at a time: no second model copy
-                        state[name] = tensor
-            except (OSError, RuntimeError, SafetensorError) as e:
-                raise ValueError(f"{str(shard)!r} could not be read: {e}") from e
-        target = state["model.transformer.wte.weight"].dtype
-        for name, tensor in state.items():
-            if tensor.dtype != target:
-                state[name] = tensor.to(target)
-        model.load_state_dict(state, strict=True, assign=True)
+        model.load_state_dict(read_weights(files, device, dtype), strict=True, assign=True)
         return model.eval()
 
     @classmethod
@@ -560,8 +526,6 @@ class LLaDAModel(nn.Module):
             ``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``;
             a single tensor larger than the limit gets a shard of its own.
         """
-        from safetensors.torch import save_file
-
         if not isinstance(max_shard_size, int) or max_shard_size <= 0:
             raise ValueError(f"max_shard_size must be a positive int, got {max_shard_size!r}")
         folder = Path(folder)
@@ -569,66 +533,6 @@ class LLaDAModel(nn.Module):
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         if any(t.device.type == "meta" for t in state.values()):
             raise ValueError("cannot save a model whose weights are still on the meta device")
-
-        shards: list[list[str]] = [[]]
-        size = 0
-        for name, t in state.items():
-            nbytes = t.numel() * t.element_size()
-            if shards[-1] and size + nbytes > max_shard_size:
-                shards.append([])
-                size = 0
-            shards[-1].append(name)
-            size += nbytes
-
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-        try:
-            config = self.config.to_dict()
-            config["torch_dtype"] = str(self.dtype).removeprefix("torch.")
-            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-            written: list[str] = [CONFIG_NAME]
-            if len(shards) == 1:
-                save_file(
-                    {k: state[k] for k in shards[0]},
-                    str(tmp / WEIGHTS_NAME),
-                    metadata={"format": "pt"},
-                )
-                written.append(WEIGHTS_NAME)
-            else:
-                weight_map = {}
-                for i, names in enumerate(shards):
-                    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                    save_file(
-                        {k: state[k] for k in names}, str(tmp / fname), metadata={"format": "pt"}
-                    )
-                    weight_map.update(dict.fromkeys(names, fname))
-                    written.append(fname)
-                total = sum(t.numel() * t.element_size() for t in state.values())
-                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-                (tmp / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-                written.append(WEIGHTS_INDEX_NAME)
-            # The weight files only: config.json and the index are text people edit.
-            write_checksums(tmp, [n for n in written if n.endswith(".safetensors")])
-            written.append(CHECKSUMS_NAME)
-
-            if not folder.exists():
-                os.rename(tmp, folder)
-                return
-            if not folder.is_dir():
-                raise FileExistsError(f"{str(folder)!r} exists and is not a folder")
-            stale_index = folder / WEIGHTS_INDEX_NAME
-            if WEIGHTS_INDEX_NAME not in written and stale_index.exists():
-                # an old index would otherwise win over the new model.safetensors
-                stale_index.unlink()
-            # The old manifest goes first and the new one comes last: a kill in between
-            # leaves no manifest (the folder loads unverified), never a wrong one.
-            (folder / CHECKSUMS_NAME).unlink(missing_ok=True)
-            # shards before the index that names them, so an index never points at nothing
-            order = {WEIGHTS_INDEX_NAME: 1, CHECKSUMS_NAME: 2}
-            for name in sorted(written, key=lambda n: order.get(n, 0)):
-                os.replace(tmp / name, folder / name)
-            for stale in folder.iterdir():
-                if _WEIGHT_FILE.fullmatch(stale.name) and stale.name not in written:
-                    stale.unlink()
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        config = self.config.to_dict()
+        config["torch_dtype"] = str(self.dtype).removeprefix("torch.")
+        write_model_folder(folder, state, config, max_shard_size)

@@ -1,4 +1,6 @@
-"""A model folder is untrusted input: its index, safetensors headers and config are checked here
+"""Model folders on disk: reading one (untrusted input) and writing one (atomically).
+
+A model folder is untrusted input: its index, safetensors headers and config are checked here
 before anything is built or loaded.
 
 - Shard names from ``model.safetensors.index.json`` must be plain file names inside the folder
@@ -8,6 +10,10 @@ before anything is built or loaded.
 - The sizes in ``config.json`` must agree with the tensors the headers declare (names, shapes,
   floating dtypes); a mismatch is a ``ValueError`` naming the field and both values, found
   within a second, before a module is built.
+
+Writing (:func:`write_model_folder`) goes through a temporary folder next to the destination,
+so a reader never sees a half-written model, and ends with a checksum manifest of the weight
+files that :func:`verify_checksums` checks on the next load.
 """
 
 from __future__ import annotations
@@ -17,14 +23,26 @@ import json
 import logging
 import math
 import os
+import re
+import shutil
 import struct
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .config import LLaDAConfig
+
+if TYPE_CHECKING:
+    import torch
+
+CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 # sha256sum-style manifest of the weight files save_pretrained wrote (the last file it writes).
 CHECKSUMS_NAME = "checksums.sha256"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+# The weight files a save writes; an earlier save's that the new one does not use are removed.
+_WEIGHT_FILE = re.compile(r"model\.safetensors|model-\d{5}-of-\d{5}\.safetensors")
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
 _FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
@@ -273,3 +291,221 @@ def _check_size_fields(found: dict, config: Any) -> None:
             f"config.json n_kv_heads={config.n_kv_heads} (head_dim {config.head_dim}), but "
             f"k_proj has {k[2][0]} rows"
         )
+
+
+# ---- reading a folder ------------------------------------------------------------------------
+
+
+def read_folder_config(folder: Path) -> LLaDAConfig:
+    """The model config of a folder, from its ``config.json``.
+
+    Parameters
+    ----------
+    folder : Path
+        A model folder.
+
+    Returns
+    -------
+    LLaDAConfig
+
+    Raises
+    ------
+    FileNotFoundError
+        The folder or its ``config.json`` does not exist.
+    ValueError
+        ``config.json`` is not valid JSON, or describes a model this library does not build.
+    """
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {str(folder)!r} does not exist")
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{str(config_path)!r} not found: not a LLaDA checkpoint")
+    try:
+        data = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{str(config_path)!r} is not valid JSON: {e}") from e
+    return LLaDAConfig.from_dict(data)
+
+
+def checked_weight_files(folder: Path, config: LLaDAConfig) -> list[Path]:
+    """The safetensors files of a folder, after every check that reads no tensor data.
+
+    Shard names (:func:`shard_files`), the checksum manifest when there is one
+    (:func:`verify_checksums`), every header (:func:`read_header`) and ``config`` against the
+    headers (:func:`check_against_config`), so a bad folder is refused before a module is
+    built or a byte of tensor data is read.
+
+    Parameters
+    ----------
+    folder : Path
+        A model folder.
+    config : LLaDAConfig
+        Its config (:func:`read_folder_config`).
+
+    Returns
+    -------
+    list of Path
+        The weight files, in index order.
+    """
+    files = shard_files(folder)
+    verify_checksums(folder)
+    check_against_config({f: read_header(f) for f in files}, config, folder)
+    return files
+
+
+def read_weights(
+    files: list[Path], device: torch.device, dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
+    """Every tensor of the weight files, read one at a time straight onto ``device``.
+
+    Parameters
+    ----------
+    files : list of Path
+        Checked weight files (:func:`checked_weight_files`).
+    device : torch.device
+        Where the tensors are created.
+    dtype : torch.dtype, optional
+        Floating dtype of the result; default the embedding's (a checkpoint that mixes
+        dtypes is cast to it).
+
+    Returns
+    -------
+    dict
+        Weight name -> tensor, one copy of the weights in all.
+
+    Raises
+    ------
+    ValueError
+        Naming the file, when safetensors cannot read it.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    state: dict[str, torch.Tensor] = {}
+    for shard in files:
+        try:
+            # safetensors wants "cuda:N" spelled out; torch.device gives that via str()
+            with safe_open(str(shard), framework="pt", device=str(device)) as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    tensor = f.get_tensor(name)
+                    if dtype is not None and tensor.dtype != dtype:
+                        tensor = tensor.to(dtype)  # one at a time: no second model copy
+                    state[name] = tensor
+        except (OSError, RuntimeError, SafetensorError) as e:
+            raise ValueError(f"{str(shard)!r} could not be read: {e}") from e
+    target = state["model.transformer.wte.weight"].dtype
+    for name, tensor in state.items():
+        if tensor.dtype != target:
+            state[name] = tensor.to(target)
+    return state
+
+
+# ---- writing a folder ------------------------------------------------------------------------
+
+
+def write_model_folder(
+    folder: Path,
+    state: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
+) -> None:
+    """Write ``config.json`` and the weights in the published layout, atomically.
+
+    Everything is first written to a temporary folder next to ``folder``. A new ``folder`` is
+    then created by one rename; into an existing folder each file is moved with an atomic
+    ``os.replace`` and weight files of an earlier save that the new one does not use are
+    removed (other files, e.g. ``tokenizer.json``, are kept).
+
+    Parameters
+    ----------
+    folder : Path
+        Destination; its parent must exist.
+    state : dict
+        Weight name -> contiguous tensor (not on the meta device).
+    config : dict
+        The ``config.json`` contents.
+    max_shard_size : int
+        Largest shard in bytes. Above it the weights are split into
+        ``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``;
+        a single tensor larger than the limit gets a shard of its own.
+
+    Raises
+    ------
+    FileExistsError
+        ``folder`` exists and is not a folder.
+    """
+    shards = _plan_shards(state, max_shard_size)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        written = _write_files(tmp, state, shards, config)
+        _move_into(tmp, folder, written)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _plan_shards(state: dict[str, torch.Tensor], max_shard_size: int) -> list[list[str]]:
+    """Weight names grouped into shards of at most ``max_shard_size`` bytes, in order."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in state.items():
+        if shards[-1] and size + _nbytes(t) > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += _nbytes(t)
+    return shards
+
+
+def _write_files(
+    tmp: Path, state: dict[str, torch.Tensor], shards: list[list[str]], config: dict[str, Any]
+) -> list[str]:
+    """Write config, weight files, index (when sharded) and manifest into ``tmp``; return
+    their names in that order."""
+    from safetensors.torch import save_file
+
+    (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    n = len(shards)
+    names = (
+        [WEIGHTS_NAME]
+        if n == 1
+        else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    )
+    for fname, keys in zip(names, shards):
+        save_file({k: state[k] for k in keys}, str(tmp / fname), metadata={"format": "pt"})
+    written = [CONFIG_NAME, *names]
+    if n > 1:
+        weight_map = {k: fname for fname, keys in zip(names, shards) for k in keys}
+        total = sum(_nbytes(t) for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        written.append(WEIGHTS_INDEX_NAME)
+    # The weight files only: config.json and the index are text people edit.
+    write_checksums(tmp, names)
+    return [*written, CHECKSUMS_NAME]
+
+
+def _move_into(tmp: Path, folder: Path, written: list[str]) -> None:
+    """Move the files of a finished save from ``tmp`` into ``folder``."""
+    if not folder.exists():
+        os.rename(tmp, folder)
+        return
+    if not folder.is_dir():
+        raise FileExistsError(f"{str(folder)!r} exists and is not a folder")
+    stale_index = folder / WEIGHTS_INDEX_NAME
+    if WEIGHTS_INDEX_NAME not in written and stale_index.exists():
+        # an old index would otherwise win over the new model.safetensors
+        stale_index.unlink()
+    # The old manifest goes first and the new one comes last: a kill in between leaves no
+    # manifest (the folder loads unverified), never a wrong one.
+    (folder / CHECKSUMS_NAME).unlink(missing_ok=True)
+    # shards before the index that names them, so an index never points at nothing
+    order = {WEIGHTS_INDEX_NAME: 1, CHECKSUMS_NAME: 2}
+    for name in sorted(written, key=lambda n: order.get(n, 0)):
+        os.replace(tmp / name, folder / name)
+    for stale in folder.iterdir():
+        if _WEIGHT_FILE.fullmatch(stale.name) and stale.name not in written:
+            stale.unlink()

@@ -28,7 +28,40 @@ def _check_messages(messages: Sequence[Mapping[str, str]]) -> None:
             raise TypeError(f"messages[{i}] must be a dict with str 'role' and 'content'")
 
 
-class ByteTokenizer:
+class _Tokenizer:
+    """What both tokenizers share: the chat template entry point and ``len``."""
+
+    vocab_size: int
+
+    def _chat_ids(
+        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool
+    ) -> list[int]:
+        raise NotImplementedError
+
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Token ids of a conversation in this tokenizer's chat template (see the class docs).
+
+        Parameters
+        ----------
+        messages : list of dict
+            ``[{"role": "user", "content": "..."}, ...]``.
+        add_generation_prompt : bool
+            Append the assistant header so that generation continues as the assistant.
+
+        Returns
+        -------
+        list[int]
+        """
+        _check_messages(messages)
+        return self._chat_ids(messages, add_generation_prompt)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+
+class ByteTokenizer(_Tokenizer):
     """UTF-8 byte tokenizer matching ``LLaDAConfig.preset("tiny")``.
 
     Ids 0-255 are the bytes; 256 BOS, 257 EOS (also padding), 258 MASK, 259 EoT (end of a
@@ -74,23 +107,9 @@ class ByteTokenizer:
                 raise ValueError(f"id {i} is outside the byte vocabulary [0, {self.vocab_size})")
         return out.decode("utf-8", errors="replace")
 
-    def apply_chat_template(
-        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+    def _chat_ids(
+        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool
     ) -> list[int]:
-        """Token ids of a conversation in the fixed byte-level template (see class docs).
-
-        Parameters
-        ----------
-        messages : list of dict
-            ``[{"role": "user", "content": "..."}, ...]``.
-        add_generation_prompt : bool
-            Append the assistant header so that generation continues as the assistant.
-
-        Returns
-        -------
-        list[int]
-        """
-        _check_messages(messages)
         ids = [self.bos_token_id]
         for m in messages:
             ids += self.encode(f"<{m['role']}>\n{m['content'].strip()}") + [self.eot_token_id]
@@ -98,11 +117,8 @@ class ByteTokenizer:
             ids += self.encode("<assistant>\n")
         return ids
 
-    def __len__(self) -> int:
-        return self.vocab_size
 
-
-class HFTokenizer:
+class HFTokenizer(_Tokenizer):
     """A ``tokenizers.Tokenizer`` loaded from ``tokenizer.json`` with the interface above.
 
     Special ids come from the folder's ``config.json`` when present, else from the
@@ -161,23 +177,9 @@ class HFTokenizer:
             ids = ids.tolist()
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(
-        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+    def _chat_ids(
+        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool
     ) -> list[int]:
-        """Token ids of a conversation in LLaDA-8B-Instruct's chat template.
-
-        Parameters
-        ----------
-        messages : list of dict
-            ``[{"role": "user", "content": "..."}, ...]``.
-        add_generation_prompt : bool
-            Append ``<|start_header_id|>assistant<|end_header_id|>\\n\\n``.
-
-        Returns
-        -------
-        list[int]
-        """
-        _check_messages(messages)
         text = "".join(
             f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
             for m in messages
@@ -185,9 +187,6 @@ class HFTokenizer:
         if add_generation_prompt:
             text += "<|start_header_id|>assistant<|end_header_id|>\n\n"
         return [self.bos_token_id] + self.encode(text)
-
-    def __len__(self) -> int:
-        return self.vocab_size
 
 
 def load_tokenizer(folder: str | os.PathLike | None = None) -> ByteTokenizer | HFTokenizer:

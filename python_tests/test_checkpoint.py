@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from conftest import llada_config, vary_norm_weights
 from safetensors.torch import save_file
 
 import llada_ext.model as model_mod
@@ -14,21 +15,9 @@ from llada_ext.model import LLaDAConfig, LLaDAModel
 
 CUDA = torch.cuda.is_available()
 
-PUBLISHED_NAMES = (
-    "attn_norm",
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "attn_out",
-    "ff_norm",
-    "ff_proj",
-    "up_proj",
-    "ff_out",
-)
-
 
 def small_config(**kw) -> LLaDAConfig:
-    base = dict(
+    sizes = dict(
         d_model=40,
         n_layers=3,
         n_heads=5,
@@ -37,25 +26,15 @@ def small_config(**kw) -> LLaDAConfig:
         vocab_size=53,
         max_sequence_length=64,
         rope_theta=10000.0,
-        mask_token_id=52,
-        eos_token_id=51,
-        bos_token_id=50,
-        pad_token_id=51,
-        eot_token_id=49,
         initializer_range=0.3,
     )
-    base.update(kw)
-    return LLaDAConfig(**base)
+    return llada_config(**{**sizes, **kw})
 
 
 def make_model(dtype=torch.float32, **kw) -> LLaDAModel:
     torch.manual_seed(0)
     model = LLaDAModel(small_config(**kw), backend="torch").to(dtype)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.uniform_(0.5, 1.5)
-    return model.eval()
+    return vary_norm_weights(model).eval()
 
 
 def assert_same_weights(a: LLaDAModel, b: LLaDAModel) -> None:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import llada_config, vary_norm_weights
 
 import llada_ext as lx
 from llada_ext.model import KVCache, LLaDAConfig, LLaDAModel
@@ -65,7 +66,7 @@ def reference_logits(
 
 
 def small_config(**kw) -> LLaDAConfig:
-    base = dict(
+    sizes = dict(
         d_model=48,
         n_layers=2,
         n_heads=6,
@@ -74,49 +75,36 @@ def small_config(**kw) -> LLaDAConfig:
         vocab_size=67,
         max_sequence_length=64,
         rope_theta=1000.0,
-        rms_norm_eps=1e-5,
-        mask_token_id=66,
-        eos_token_id=65,
-        bos_token_id=64,
-        pad_token_id=65,
-        eot_token_id=63,
         initializer_range=0.2,
     )
-    base.update(kw)
-    return LLaDAConfig(**base)
+    return llada_config(**{**sizes, **kw})
 
 
 def make_model(backend: str = "torch", seed: int = 0, **kw) -> LLaDAModel:
     torch.manual_seed(seed)
-    model = LLaDAModel(small_config(**kw), backend=backend).eval()
-    with torch.no_grad():  # non-trivial norm weights so the tests see them
-        for mod in model.modules():
-            if type(mod).__name__ == "RMSNorm":
-                mod.weight.uniform_(0.5, 1.5)
-    return model
+    return vary_norm_weights(LLaDAModel(small_config(**kw), backend=backend).eval())
 
 
 # ------------------------------------------------------------------------------------------
 # config
 # ------------------------------------------------------------------------------------------
+def special_ids(c) -> tuple:
+    """(vocab, mask, EOS, pad, BOS, EoT) of a config or a tokenizer."""
+    return (
+        c.vocab_size,
+        c.mask_token_id,
+        c.eos_token_id,
+        c.pad_token_id,
+        c.bos_token_id,
+        c.eot_token_id,
+    )
+
+
 def test_presets():
     tiny = LLaDAConfig.preset("tiny")
-    assert (
-        tiny.vocab_size,
-        tiny.mask_token_id,
-        tiny.eos_token_id,
-        tiny.bos_token_id,
-        tiny.pad_token_id,
-        tiny.eot_token_id,
-    ) == (260, 258, 257, 256, 257, 259)
+    assert special_ids(tiny) == (260, 258, 257, 257, 256, 259)
     assert tiny.head_dim == tiny.d_model // tiny.n_heads
-    tok = ByteTokenizer()
-    assert (tok.vocab_size, tok.mask_token_id, tok.eos_token_id, tok.bos_token_id) == (
-        tiny.vocab_size,
-        tiny.mask_token_id,
-        tiny.eos_token_id,
-        tiny.bos_token_id,
-    )
+    assert special_ids(ByteTokenizer()) == special_ids(tiny)
     big = LLaDAConfig.preset("8b")
     assert (
         big.d_model,
@@ -125,17 +113,10 @@ def test_presets():
         big.n_kv_heads,
         big.head_dim,
         big.mlp_hidden_size,
-        big.vocab_size,
         big.rope_theta,
         big.rms_norm_eps,
-    ) == (4096, 32, 32, 32, 128, 12288, 126464, 500000.0, 1e-5)
-    assert (
-        big.mask_token_id,
-        big.eos_token_id,
-        big.pad_token_id,
-        big.bos_token_id,
-        big.eot_token_id,
-    ) == (126336, 126081, 126081, 126080, 126348)
+    ) == (4096, 32, 32, 32, 128, 12288, 500000.0, 1e-5)
+    assert special_ids(big) == (126464, 126336, 126081, 126081, 126080, 126348)
     with torch.device("meta"):
         n8 = LLaDAModel(big).num_parameters()
         n1 = LLaDAModel(LLaDAConfig.preset("1b")).num_parameters()
@@ -476,7 +457,7 @@ def test_kernel_attention_only_for_head_dims_the_cuda_kernels_cover(monkeypatch)
 @pytest.mark.skipif(not CUDA, reason="CUDA not available")
 def test_cuda_model_with_head_dim_outside_the_kernels_runs():
     torch.manual_seed(0)
-    cfg = LLaDAConfig(  # head_dim 12: not a multiple of 8
+    cfg = llada_config(  # head_dim 12: not a multiple of 8
         d_model=48,
         n_layers=2,
         n_heads=4,
@@ -484,10 +465,6 @@ def test_cuda_model_with_head_dim_outside_the_kernels_runs():
         mlp_hidden_size=64,
         vocab_size=50,
         max_sequence_length=64,
-        mask_token_id=49,
-        eos_token_id=48,
-        bos_token_id=47,
-        pad_token_id=48,
         eot_token_id=None,
     )
     model = LLaDAModel(cfg, backend="kernels").to("cuda", torch.bfloat16).eval()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import llada_config
 from safetensors.torch import save_file
 
 from llada_ext import LLaDAConfig, LLaDAModel
@@ -24,7 +25,7 @@ from llada_ext.model_files import expected_shapes
 
 
 def small(**kw) -> LLaDAConfig:
-    base = dict(
+    sizes = dict(
         d_model=32,
         n_layers=2,
         n_heads=4,
@@ -32,14 +33,9 @@ def small(**kw) -> LLaDAConfig:
         mlp_hidden_size=48,
         vocab_size=40,
         max_sequence_length=64,
-        mask_token_id=39,
-        eos_token_id=38,
-        bos_token_id=37,
-        pad_token_id=38,
         eot_token_id=None,
     )
-    base.update(kw)
-    return LLaDAConfig(**base)
+    return llada_config(**{**sizes, **kw})
 
 
 @pytest.fixture

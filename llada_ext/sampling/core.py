@@ -89,8 +89,6 @@ from .options import (
     check_options,
     check_prompt,
     check_schedule,
-    finite_float,
-    positive_int,
 )
 from .steps import (
     SamplerState,
@@ -111,10 +109,6 @@ __all__ = [
     "get_num_transfer_tokens",
     "left_pad",
 ]
-
-# likelihood.py and the lm-eval adapter import these two checks from here under these names
-_positive_int = positive_int
-_finite_float = finite_float
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
