@@ -109,8 +109,8 @@ MUTATIONS = [
         "bwd-split-reduce-last",
         "backward split steps: the dK/dV reduce leaves out the last step range",
         "csrc/cuda/attention_bwd.cu",
-        "      for (int s = 0; s < splits; ++s) {",
-        "      for (int s = 0; s + 1 < splits; ++s) {",
+        "for (int s = 0; s < splits; ++s, part += 2 * plane) {",
+        "for (int s = 0; s + 1 < splits; ++s, part += 2 * plane) {",
         ATTN,
     ),
     Mutation(

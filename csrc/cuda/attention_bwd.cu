@@ -86,18 +86,20 @@ __global__ void __launch_bounds__(kRowThreads)
   const AttnFwdParams& f = p.fwd;
   const int64_t rows = f.B * f.Hkv * f.Sk;
   const int D = static_cast<int>(f.D);
+  const int64_t plane = rows * D;  // one [B, Hkv, Sk, D] partial
   const int lane = threadIdx.x % kWarpSize;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarpSize;
        r < rows; r += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
     const RowIndex ix = split_row(r, f.Sk, f.Hkv);  // (b, kv head, key)
     T* dk = static_cast<T*>(p.dk) + ix.b * p.dk_st.b + ix.h * p.dk_st.h + ix.q * p.dk_st.s;
     T* dv = static_cast<T*>(p.dv) + ix.b * p.dv_st.b + ix.h * p.dv_st.h + ix.q * p.dv_st.s;
+    const float* src = ws_dkv + r * D;
     for (int c = lane; c < D; c += kWarpSize) {
       float sk = 0.f, sv = 0.f;
-      for (int s = 0; s < splits; ++s) {
-        const float* part = ws_dkv + 2 * s * rows * D + r * D + c;
+      const float* part = src + c;
+      for (int s = 0; s < splits; ++s, part += 2 * plane) {  // range order: same sums every run
         sk += part[0];
-        sv += part[rows * D];
+        sv += part[plane];
       }
       dk[c] = DType<T>::from_float(sk);
       dv[c] = DType<T>::from_float(sv);
