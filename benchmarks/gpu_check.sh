@@ -492,7 +492,7 @@ stage_build() {
 # The CUDA test files, and the [cuda] cases of the kernel tests that run on both devices.
 CUDA_TEST_ARGS=()
 for f in python_tests/test_cuda_*.py python_tests/test_attention.py \
-  python_tests/test_masked_ce.py python_tests/test_remask.py; do
+  python_tests/test_masked_ce.py python_tests/test_remask.py python_tests/test_remask_selection.py; do
   [ -f "$f" ] && CUDA_TEST_ARGS+=("$f")
 done
 CUDA_TEST_ARGS+=(-k cuda)
@@ -520,6 +520,7 @@ SAN_TESTS=(
   "python_tests/test_cuda_attention.py::test_backward_matches_reference[shape1-128-dtype0]"
   "python_tests/test_cuda_attention.py::test_fully_masked_rows[dtype1]"
   "python_tests/test_cuda_attention.py::test_unaligned_strides[dtype0]"
+  "python_tests/test_cuda_attention.py::test_short_queries_long_keys[dtype1]"
   "python_tests/test_attention.py::test_masked_keys_are_never_read[cuda-bf16]"
   "python_tests/test_cuda_ce_remask.py::test_masked_ce_matches_float64[scalar-misaligned-dtype1]"
   "python_tests/test_cuda_ce_remask.py::test_masked_ce_inplace_gradient[dtype1]"

@@ -176,3 +176,65 @@ class LogitsOnly(torch.nn.Module):
 
     def forward(self, ids, attention_mask=None):
         return self.inner(ids, attention_mask=attention_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding tests: the C library built and installed as a CMake package, once a session
+# --------------------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tool(name: str) -> "str | None":
+    import shutil
+
+    # Prefer the tools of the running environment (the venv ships cmake and ninja).
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else shutil.which(name)
+
+
+CMAKE, NINJA = _tool("cmake"), _tool("ninja")
+
+
+def _run(
+    cmd: list[str], cwd: "Path | None" = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    import os
+
+    env = dict(os.environ)
+    env.pop("CMAKE_PREFIX_PATH", None)  # only the prefix under test may satisfy find_package
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        out = (proc.stdout + proc.stderr)[-4000:]
+        raise AssertionError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{out}")
+    return proc
+
+
+def _generator() -> list[str]:
+    return ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={NINJA}"] if NINJA else []
+
+
+@pytest.fixture(scope="session")
+def installed_prefix(tmp_path_factory) -> Path:
+    """The C library configured, built (2 jobs) and installed into a fresh prefix, once."""
+    import shutil
+
+    if CMAKE is None or shutil.which("cc") is None or shutil.which("c++") is None:
+        pytest.skip("needs cmake and a C/C++ compiler")
+    base = tmp_path_factory.mktemp("llada_install")
+    build, prefix = base / "build", base / "prefix"
+    _run(
+        [
+            CMAKE,
+            "-S",
+            str(ROOT),
+            "-B",
+            str(build),
+            *_generator(),
+            "-DCMAKE_BUILD_TYPE=Release",
+            "-DLLADA_BUILD_PYTHON=OFF",
+            "-DLLADA_CUDA=OFF",
+        ]
+    )
+    _run([CMAKE, "--build", str(build), "-j", "2"])
+    _run([CMAKE, "--install", str(build), "--prefix", str(prefix)])
+    return prefix

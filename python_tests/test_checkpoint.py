@@ -124,10 +124,9 @@ def test_load_onto_cuda(tmp_path):
     assert_same_weights(model, loaded.cpu())
 
 
-def test_published_8b_layout_at_reduced_size(tmp_path):
-    """config.json + two shards + index written by hand with the LLaDA-8B names/shapes."""
-    d, layers, heads, mlp, vocab = 64, 2, 4, 96, 300
-    config = {
+def published_config(d: int, layers: int, heads: int, mlp: int, vocab: int) -> dict:
+    """config.json of the published LLaDA-8B layout (every key it has), at these sizes."""
+    return {
         "activation_type": "silu",
         "alibi": False,
         "architectures": ["LLaDAModelLM"],
@@ -164,7 +163,11 @@ def test_published_8b_layout_at_reduced_size(tmp_path):
         "vocab_size": vocab,
         "weight_tying": False,
     }
-    (tmp_path / "config.json").write_text(json.dumps(config))
+
+
+def write_published_shards(folder, d: int, layers: int, mlp: int, vocab: int) -> dict:
+    """Two bfloat16 safetensors shards + index with the LLaDA-8B weight names; returns the
+    weights by name."""
     g = torch.Generator().manual_seed(3)
 
     def w(*shape):
@@ -189,12 +192,23 @@ def test_published_8b_layout_at_reduced_size(tmp_path):
         }
         (shard1 if i == 0 else shard2).update(blk)
     names = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
-    save_file(shard1, str(tmp_path / names[0]), metadata={"format": "pt"})
-    save_file(shard2, str(tmp_path / names[1]), metadata={"format": "pt"})
+    save_file(shard1, str(folder / names[0]), metadata={"format": "pt"})
+    save_file(shard2, str(folder / names[1]), metadata={"format": "pt"})
     weight_map = {**dict.fromkeys(shard1, names[0]), **dict.fromkeys(shard2, names[1])}
-    (tmp_path / "model.safetensors.index.json").write_text(
+    (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map})
     )
+
+    return {**shard1, **shard2}
+
+
+def test_published_8b_layout_at_reduced_size(tmp_path):
+    """config.json + two shards + index written by hand with the LLaDA-8B names/shapes."""
+    d, layers, heads, mlp, vocab = 64, 2, 4, 96, 300
+    (tmp_path / "config.json").write_text(
+        json.dumps(published_config(d, layers, heads, mlp, vocab))
+    )
+    weights = write_published_shards(tmp_path, d, layers, mlp, vocab)
 
     model = LLaDAModel.from_pretrained(tmp_path, backend="torch")
     cfg = model.config
@@ -211,7 +225,7 @@ def test_published_8b_layout_at_reduced_size(tmp_path):
     assert cfg.rope_theta == 500000.0 and cfg.eot_token_id is None
     assert model.dtype == torch.bfloat16
     sd = model.state_dict()
-    for k, v in {**shard1, **shard2}.items():
+    for k, v in weights.items():
         assert torch.equal(sd[k], v), k
     logits = model(torch.randint(0, vocab, (1, 6))).logits
     assert logits.shape == (1, 6, vocab) and torch.isfinite(logits).all()

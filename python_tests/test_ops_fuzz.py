@@ -21,16 +21,17 @@ CASES = 1000
 OPS = ["attention", "masked_cross_entropy", "linear_masked_cross_entropy", "remask", "remask_"]
 
 
-def _fuzz_main(op: str, cases: int) -> dict:
-    """Runs `cases` hypothesis examples of one op; returns outcome counts (child process)."""
+def _call_strategies() -> dict:
+    """Hypothesis strategies, one per op, each drawing a zero-argument call of that op.
+
+    Mostly valid choices, so that most calls reach the kernels; the rest probe validation.
+    Imported lazily: only the child process needs torch, hypothesis and the extension.
+    """
     import torch
-    from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
     import llada_ext as lx
 
-    counts: dict[str, int] = {}
-    # Mostly valid choices, so that most calls reach the kernels; the rest probe validation.
     f32, bf16 = torch.float32, torch.bfloat16
     dtypes = st.sampled_from([f32] * 4 + [bf16] * 3 + [torch.float16, torch.float64, torch.int64])
     size = st.integers(0, 5)
@@ -44,16 +45,6 @@ def _fuzz_main(op: str, cases: int) -> dict:
         if t.dim() >= 2 and draw(st.booleans()):  # a non-contiguous view of the same values
             t = t.transpose(0, 1).contiguous().transpose(0, 1)
         return t
-
-    def record(fn):
-        try:
-            fn()
-            key = "ok"
-        except (ValueError, TypeError) as e:
-            key = type(e).__name__
-        except Exception as e:  # noqa: BLE001 - anything else is a finding
-            key = f"UNEXPECTED {type(e).__name__}: {str(e)[:120]}"
-        counts[key] = counts.get(key, 0) + 1
 
     @st.composite
     def attention_call(draw):
@@ -108,13 +99,32 @@ def _fuzz_main(op: str, cases: int) -> dict:
         fn = lx.remask_ if inplace else lx.remask
         return lambda: fn(logits, x, k, **kw)
 
-    strategy = {
+    return {
         "attention": attention_call(),
         "masked_cross_entropy": ce_call(False),
         "linear_masked_cross_entropy": ce_call(True),
         "remask": remask_call(False),
         "remask_": remask_call(True),
-    }[op]
+    }
+
+
+def _outcome(call) -> str:
+    """ "ok", the name of a ValueError/TypeError, or "UNEXPECTED ..." for anything else."""
+    try:
+        call()
+        return "ok"
+    except (ValueError, TypeError) as e:
+        return type(e).__name__
+    except Exception as e:  # noqa: BLE001 - anything else is a finding
+        return f"UNEXPECTED {type(e).__name__}: {str(e)[:120]}"
+
+
+def _fuzz_main(op: str, cases: int) -> dict:
+    """Runs `cases` hypothesis examples of one op; returns outcome counts (child process)."""
+    import torch
+    from hypothesis import HealthCheck, given, settings
+
+    counts: dict[str, int] = {}
 
     @settings(
         max_examples=cases,
@@ -123,9 +133,10 @@ def _fuzz_main(op: str, cases: int) -> dict:
         deadline=None,
         suppress_health_check=list(HealthCheck),
     )
-    @given(strategy)
+    @given(_call_strategies()[op])
     def run(call):
-        record(call)
+        key = _outcome(call)
+        counts[key] = counts.get(key, 0) + 1
 
     torch.manual_seed(0)
     run()
