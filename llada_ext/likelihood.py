@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .model import config_token_id, model_device, warn_if_too_long
-from .sampling.options import positive_int
+from .sampling.options import integer_ids, positive_int
 
 __all__ = ["log_likelihood", "score_choices", "stratified_mask"]
 
@@ -74,14 +74,7 @@ def stratified_mask(
 
 
 def _as_1d_ids(t: object, name: str) -> Tensor:
-    if isinstance(t, (list, tuple)):
-        t = torch.tensor(t, dtype=torch.int64)
-    if not isinstance(t, Tensor):
-        raise TypeError(
-            f"{name} must be an int64 tensor [n] or a list of ints, got {type(t).__name__}"
-        )
-    if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    t = integer_ids(t, name, "[n] or a list of ints")
     if t.dim() == 2 and t.shape[0] == 1:
         t = t[0]
     if t.dim() != 1:

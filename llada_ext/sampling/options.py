@@ -44,16 +44,21 @@ MAX_SCHEDULE = 1 << 20
 # ------------------------------------------------------------------------------------------
 # scalar checks
 # ------------------------------------------------------------------------------------------
-def as_2d_ids(t: object, name: str, device: torch.device) -> Tensor:
-    """Prompt ids as int64 [B, P] on ``device`` (a [P] tensor or a list of ints is one row)."""
+def integer_ids(t: object, name: str, expected: str) -> Tensor:
+    """Token ids as an integer tensor: a list of ints becomes int64; anything that is not an
+    integer tensor is a TypeError naming ``name`` and the ``expected`` form."""
     if isinstance(t, (list, tuple)):
         t = torch.tensor(t, dtype=torch.int64)
     if not isinstance(t, Tensor):
-        raise TypeError(
-            f"{name} must be an int64 tensor [B, P] (or a list of ints), got {type(t).__name__}"
-        )
+        raise TypeError(f"{name} must be an int64 tensor {expected}, got {type(t).__name__}")
     if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    return t
+
+
+def as_2d_ids(t: object, name: str, device: torch.device) -> Tensor:
+    """Prompt ids as int64 [B, P] on ``device`` (a [P] tensor or a list of ints is one row)."""
+    t = integer_ids(t, name, "[B, P] (or a list of ints)")
     if t.dim() == 1:
         t = t[None]
     if t.dim() != 2 or t.shape[0] == 0:
