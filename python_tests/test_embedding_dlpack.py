@@ -139,6 +139,41 @@ def test_dlpack_numpy_masked_ce(reduction):
     np.testing.assert_allclose(got16, ref_masked_ce(half, targets, weights), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("ignore_index", [-100, 5])
+def test_dlpack_masked_ce_ignore_index_and_mean(reduction, ignore_index):
+    """ignore_index and reduction="mean" as the torch op has them: rows whose target is
+    ignore_index are skipped whatever their weight, and "mean" divides by the rows that count;
+    on NumPy arrays and on torch tensors through the DLPack entry point."""
+    rng = np.random.default_rng(21 + ignore_index % 7)
+    lead, V = (4, 7), 11
+    logits = rng.standard_normal((*lead, V)).astype(np.float32) * 2
+    targets = rng.integers(0, V, lead).astype(np.int64)
+    weights = (0.5 + rng.random(lead)).astype(np.float32)
+    weights[0, :2] = 0
+    targets[1, 1:4] = ignore_index  # nonzero weight, but skipped
+    kw = dict(reduction=reduction, ignore_index=ignore_index)
+    want = lx.masked_cross_entropy(
+        torch.from_numpy(logits), torch.from_numpy(targets), torch.from_numpy(weights), **kw
+    ).numpy()
+    counted = (weights != 0) & (targets != ignore_index)
+    ref = np.where(counted, ref_masked_ce(logits, np.where(counted, targets, 0), weights), 0)
+    ref = {"none": ref, "sum": ref.sum(), "mean": ref.sum() / counted.sum()}[reduction]
+    got = dl.masked_cross_entropy(logits, targets, weights, **kw)
+    got_t = dl.masked_cross_entropy(torch.from_numpy(logits), targets, weights, **kw)
+    for g in (got, got_t.numpy()):
+        assert g.shape == want.shape and g.dtype == np.float32
+        np.testing.assert_allclose(g, want, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-6)
+    if reduction == "none":
+        assert (got[~counted] == 0).all()
+    # every row skipped: "mean" is 0, not NaN
+    none = np.full(lead, ignore_index, np.int64)
+    assert float(dl.masked_cross_entropy(logits, none, weights, **kw).sum()) == 0.0
+    with pytest.raises(ValueError, match="ignore_index"):
+        dl.masked_cross_entropy(logits, np.full(lead, V, np.int64), weights, **kw)
+
+
 def test_dlpack_numpy_remask_greedy():
     rng = np.random.default_rng(14)
     B, W, V, L, offset, mask_id = 3, 9, 23, 15, 4, 22
@@ -295,7 +330,11 @@ def test_dlpack_bad_input():
         )
     with pytest.raises(ValueError, match="reduction"):
         dl.masked_cross_entropy(
-            logits, np.zeros((2, 4), np.int64), np.ones((2, 4), np.float32), reduction="mean"
+            logits, np.zeros((2, 4), np.int64), np.ones((2, 4), np.float32), reduction="avg"
+        )
+    with pytest.raises(TypeError, match="ignore_index"):
+        dl.masked_cross_entropy(
+            logits, np.zeros((2, 4), np.int64), np.ones((2, 4), np.float32), ignore_index=1.5
         )
     q = rng.standard_normal((1, 3, 4, 8)).astype(np.float32)
     k = rng.standard_normal((1, 5, 3, 8)).astype(np.float32)

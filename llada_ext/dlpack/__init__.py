@@ -128,30 +128,40 @@ def attention(
 
 
 def masked_cross_entropy(
-    logits: Array, targets: Array, weights: Array, *, reduction: str = "sum"
+    logits: Array,
+    targets: Array,
+    weights: Array,
+    *,
+    reduction: str = "sum",
+    ignore_index: int = -100,
 ) -> Array:
     """Cross-entropy with per-token weights (forward only) on DLPack arrays.
 
     ``loss_i = weights_i * (logsumexp(logits_i) - logits_i[targets_i])``, accumulated in
-    float32; rows with ``weights_i == 0`` are never read (loss 0).
+    float32; rows with ``weights_i == 0`` or ``targets_i == ignore_index`` are never read
+    (loss 0), as in :func:`llada_ext.masked_cross_entropy`.
 
     Parameters
     ----------
     logits : array
         ``[..., V]``, float32, bfloat16 or float16.
     targets : array
-        int64 ``[...]``, in ``[0, V)`` where the weight is nonzero.
+        int64 ``[...]``, in ``[0, V)`` where the weight is nonzero, or ``ignore_index``.
     weights : array
         float32 ``[...]``.
-    reduction : {"sum", "none"}
-        "sum" returns a float32 0-d array, "none" float32 ``[...]``.
+    reduction : {"sum", "mean", "none"}
+        "sum" returns a float32 0-d array; "mean" that sum divided by the number of rows not
+        skipped (0 if there are none); "none" float32 ``[...]``.
+    ignore_index : int
+        Target value whose rows are skipped (``F.cross_entropy``'s convention).
 
     Returns
     -------
     array
         The loss, of logits' array library.
     """
-    checks.reduction(reduction, ("sum", "none"))
+    checks.reduction(reduction, ("sum", "mean", "none"))
+    ignore_index = checks.integer(ignore_index, "ignore_index")
     call = Call(logits, "logits")
     be = call.be
     logits = call.arg(logits, "logits")
@@ -159,10 +169,11 @@ def masked_cross_entropy(
     V = checks.logits_vocab(meta(logits, "logits"), be.device_type)
     lead = tuple(logits.shape[:-1])
     checks.ce_targets(lead, meta(targets, "targets"), meta(weights, "weights"))
+    weights = be.zero_where(weights, targets, ignore_index)
     t_host, w_host = be.host_values(targets), be.host_values(weights)
     if t_host is not None and t_host.size:
         bad = (w_host != 0) & ((t_host < 0) | (t_host >= V))
-        checks.ce_values(bool(np.any(bad)), bool(np.all(np.isfinite(w_host))), V)
+        checks.ce_values(bool(np.any(bad)), bool(np.all(np.isfinite(w_host))), V, ignore_index)
     n = math.prod(lead)
     logits2 = be.prepare(be.prepare(logits, inner=True).reshape((n, V)), inner=True)
     targets1 = be.prepare(targets.reshape((n,)), inner=False)
@@ -172,7 +183,10 @@ def masked_cross_entropy(
         be.view(logits2), be.view(targets1), be.view(weights1), be.view(loss), None, be.stream()
     )
     loss = loss.reshape(lead)
-    return be.wrap(be.sum(loss) if reduction == "sum" else loss)
+    if reduction == "none":
+        return be.wrap(loss)
+    total = be.sum(loss)
+    return be.wrap(total if reduction == "sum" else be.mean(total, weights1))
 
 
 # ---------------------------------------------------------------------------------------

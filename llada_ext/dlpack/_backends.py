@@ -132,6 +132,12 @@ class _NumpyBackend(_StridedBackend):
     def sum(self, a: np.ndarray) -> np.ndarray:
         return np.asarray(a.sum(dtype=np.float32))
 
+    def zero_where(self, weights: np.ndarray, targets: np.ndarray, value: int) -> np.ndarray:
+        return np.where(targets == value, np.float32(0), weights).astype(np.float32)
+
+    def mean(self, total: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        return np.asarray(total / np.float32(max(int(np.count_nonzero(weights)), 1)))
+
     def stream(self) -> int:
         return 0
 
@@ -188,6 +194,16 @@ class _CupyBackend(_StridedBackend):
     def sum(self, a: Any) -> Any:
         with self.cp.cuda.Device(self.device_id):
             return a.sum(dtype="float32")
+
+    def zero_where(self, weights: Any, targets: Any, value: int) -> Any:
+        with self.cp.cuda.Device(self.device_id):
+            return self.cp.where(targets == value, 0, weights).astype("float32")
+
+    def mean(self, total: Any, weights: Any) -> Any:
+        # on the device: no synchronisation for the count
+        with self.cp.cuda.Device(self.device_id):
+            count = self.cp.maximum(self.cp.count_nonzero(weights), 1)
+            return (total / count).astype("float32")
 
     def stream(self) -> int:
         with self.cp.cuda.Device(self.device_id):
@@ -252,6 +268,12 @@ class _TorchBackend(_Backend):
 
     def sum(self, a: Any) -> Any:
         return a.sum()
+
+    def zero_where(self, weights: Any, targets: Any, value: int) -> Any:
+        return self.torch.where(targets == value, self.torch.zeros_like(weights), weights)
+
+    def mean(self, total: Any, weights: Any) -> Any:
+        return total / (weights != 0).sum().clamp_min(1).to(total.dtype)
 
     def stream(self) -> int:
         if self.host:
