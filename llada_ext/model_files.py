@@ -402,6 +402,32 @@ def read_weights(
 # ---- writing a folder ------------------------------------------------------------------------
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a rename durable: fsync the folder that holds the entry (POSIX only).
+
+    Best effort: some filesystems cannot open or fsync a folder; the rename itself has
+    already happened, so that is not an error.
+    """
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - depends on the filesystem
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - depends on the filesystem
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a finished file's contents to disk before a rename publishes it."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def write_model_folder(
     folder: Path,
     state: dict[str, torch.Tensor],
@@ -485,13 +511,18 @@ def _write_files(
         written.append(WEIGHTS_INDEX_NAME)
     # The weight files only: config.json and the index are text people edit.
     write_checksums(tmp, names)
-    return [*written, CHECKSUMS_NAME]
+    written.append(CHECKSUMS_NAME)
+    for name in written:  # contents on disk before any rename publishes them
+        fsync_file(tmp / name)
+    return written
 
 
 def _move_into(tmp: Path, folder: Path, written: list[str]) -> None:
     """Move the files of a finished save from ``tmp`` into ``folder``."""
     if not folder.exists():
+        fsync_dir(tmp)
         os.rename(tmp, folder)
+        fsync_dir(folder.parent)
         return
     if not folder.is_dir():
         raise FileExistsError(f"{str(folder)!r} exists and is not a folder")
@@ -509,3 +540,4 @@ def _move_into(tmp: Path, folder: Path, written: list[str]) -> None:
     for stale in folder.iterdir():
         if _WEIGHT_FILE.fullmatch(stale.name) and stale.name not in written:
             stale.unlink()
+    fsync_dir(folder)

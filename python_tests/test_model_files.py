@@ -157,6 +157,50 @@ def test_a_saved_folder_detects_a_flipped_bit(tmp_path):
         LLaDAModel.from_pretrained(tmp_path / "m")
 
 
+@pytest.mark.parametrize("existing", [False, True])
+def test_saved_files_reach_the_disk_before_a_rename_publishes_them(tmp_path, monkeypatch, existing):
+    """Every file of a save is fsynced before the rename (new folder) or the os.replace
+    (existing folder) that makes it visible, and the folder holding the new entries after."""
+    import llada_ext.model_files as mf
+
+    events: list[tuple[str, str]] = []
+    real_fsync_file, real_fsync_dir = mf.fsync_file, mf.fsync_dir
+    real_rename, real_replace = os.rename, os.replace
+    monkeypatch.setattr(
+        mf, "fsync_file", lambda p: (events.append(("file", Path(p).name)), real_fsync_file(p))[1]
+    )
+    monkeypatch.setattr(
+        mf, "fsync_dir", lambda p: (events.append(("dir", str(p))), real_fsync_dir(p))[1]
+    )
+    monkeypatch.setattr(
+        mf.os,
+        "rename",
+        lambda a, b: (events.append(("rename", Path(a).name)), real_rename(a, b))[1],
+    )
+    monkeypatch.setattr(
+        mf.os,
+        "replace",
+        lambda a, b: (events.append(("replace", Path(a).name)), real_replace(a, b))[1],
+    )
+    torch.manual_seed(0)
+    model = LLaDAModel(small(), backend="torch")
+    out = tmp_path / "m"
+    if existing:
+        out.mkdir()
+    model.save_pretrained(out, max_shard_size=8_000)
+    synced = {name for kind, name in events if kind == "file"}
+    on_disk = {p.name for p in out.iterdir()}
+    assert synced == on_disk and "config.json" in synced and len(synced) > 3
+    first_publish = next(i for i, (kind, _) in enumerate(events) if kind in ("rename", "replace"))
+    assert all(kind != "file" for kind, _ in events[first_publish:])
+    assert events[-1] == ("dir", str(out if existing else out.parent))
+    reloaded = LLaDAModel.from_pretrained(out, backend="torch")
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), reloaded.state_dict().values())
+    )
+
+
 def test_non_float_weights_are_refused(tmp_path):
     config = small(n_layers=1)
     state = {k: torch.zeros(s) for k, s in expected_shapes(config).items()}

@@ -35,7 +35,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from ..model_files import checksum_lines, verify_checksums
+from ..model_files import checksum_lines, fsync_dir, verify_checksums
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -84,17 +84,6 @@ def verify_manifest(path: Path) -> None:
         raise ValueError(f"{str(path.parent / manifest)!r} does not list {path.name}")
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable: fsync the folder that holds the entry (POSIX only)."""
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Write a file atomically: temp file in the same folder, fsync, ``os.replace``.
 
@@ -122,7 +111,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:

@@ -35,8 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..model_files import checksum_lines, verify_checksums
-from .checkpoint import _fsync_dir, atomic_save, atomic_write
+from ..model_files import checksum_lines, fsync_dir, verify_checksums
+from .checkpoint import atomic_save, atomic_write
 from .distributed import all_gather_objects, barrier, broadcast_object
 
 __all__ = [
@@ -168,13 +168,13 @@ def _publish(tmp: Path, final: Path, world: int) -> None:
             f"ranks {missing} wrote no manifest into {str(tmp)!r}: is the checkpoint folder on "
             "a file system that every rank sees?"
         )
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     old = None
     if final.exists():  # the same step saved again (e.g. a resumed run stopped at once)
         old = final.with_name(f".{final.name}.tmp-old-{secrets.token_hex(4)}")
         os.rename(final, old)
     os.rename(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

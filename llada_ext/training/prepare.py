@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..model_files import CHECKSUMS_NAME, checksum_lines
+from ..model_files import CHECKSUMS_NAME, checksum_lines, fsync_dir
 from .checkpoint import TOKENIZER_FILES
 from .data import DataError, records_to_pairs, records_to_texts
 from .shards import (
@@ -235,19 +235,6 @@ def _check_destination(out: Path, overwrite: bool) -> None:
         )
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - not possible on every platform
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     _check_destination(out, overwrite)
     if not out.exists():
@@ -257,7 +244,7 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
         os.rename(out, old)
         os.rename(tmp, out)
         shutil.rmtree(old)
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
 
 
 def _progress(enabled: bool) -> Any:
@@ -474,5 +461,5 @@ def _finish_folder(
         f.write(json.dumps(manifest, indent=2) + "\n")
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     return manifest
