@@ -112,15 +112,11 @@ unsigned row_grid(int64_t rows) {
       std::min<int64_t>((rows + kRowsPerBlock - 1) / kRowsPerBlock, kMaxRowBlocks));
 }
 
-template <int kD>
-int bwd_splits(const AttnFwdParams& f) {
-  return attn::bwd_plan<kD>(f.B, f.Sq, f.Hq, f.Hkv, f.Sk).splits;
-}
-
-int bwd_splits_for(const AttnFwdParams& f) {
-  if (f.D <= 64) return bwd_splits<64>(f);
-  if (f.D <= 128) return bwd_splits<128>(f);
-  return bwd_splits<256>(f);
+// The plan of these shapes, for their head-dim bucket (D <= 256).
+attn::BwdPlan plan_for(int64_t B, int64_t Sq, int64_t Hq, int64_t Sk, int64_t Hkv, int64_t D) {
+  if (D <= 64) return attn::bwd_plan<64>(B, Sq, Hq, Hkv, Sk);
+  if (D <= 128) return attn::bwd_plan<128>(B, Sq, Hq, Hkv, Sk);
+  return attn::bwd_plan<256>(B, Sq, Hq, Hkv, Sk);
 }
 
 // Float32 offset of the partials: after dQ and Delta, rounded up to 16 bytes.
@@ -129,54 +125,59 @@ int64_t partials_offset(int64_t B, int64_t Sq, int64_t Hq, int64_t D) {
 }
 
 template <typename T>
-llada_status bwd_for_dtype(const AttnBwdParams& p, float* ws_dq, float* ws_delta, float* ws_dkv) {
+llada_status bwd_for_dtype(const AttnBwdParams& p, const attn::BwdWorkspace& ws) {
   const AttnFwdParams& f = p.fwd;
   const int64_t rows = f.B * f.Hq * f.Sq;
   cudaStream_t stream = as_stream(f.stream);
   const unsigned row_blocks = row_grid(rows);
   if (rows > 0) {
     launch_kernel("attention_bwd_preprocess_kernel", attention_bwd_preprocess_kernel<T>, row_blocks,
-                  kRowThreads, 0, stream, p, ws_dq, ws_delta);
+                  kRowThreads, 0, stream, p, ws.dq, ws.delta);
     const llada_status st = check_launch("attention_bwd (preprocess)");
     if (st != LLADA_OK) return st;
   }
   if (f.Sk > 0) {  // with no keys there is no key tile; dq is zero and dk, dv are empty
     llada_status st;
     if (f.D <= 64) {
-      st = attn::run_attention_bwd<T, 64>(p, ws_dq, ws_delta, ws_dkv);
+      st = attn::run_attention_bwd<T, 64>(p, ws);
     } else if (f.D <= 128) {
-      st = attn::run_attention_bwd<T, 128>(p, ws_dq, ws_delta, ws_dkv);
+      st = attn::run_attention_bwd<T, 128>(p, ws);
     } else {
-      st = attn::run_attention_bwd<T, 256>(p, ws_dq, ws_delta, ws_dkv);
+      st = attn::run_attention_bwd<T, 256>(p, ws);
     }
     if (st != LLADA_OK) return st;
-    if (ws_dkv != nullptr) {
+    if (ws.dkv != nullptr) {
       const int64_t kv_rows = f.B * f.Hkv * f.Sk;
       launch_kernel("attention_bwd_reduce_dkv_kernel", attention_bwd_reduce_dkv_kernel<T>,
-                    row_grid(kv_rows), kRowThreads, 0, stream, p, ws_dkv, bwd_splits_for(f));
+                    row_grid(kv_rows), kRowThreads, 0, stream, p, ws.dkv, ws.plan.splits);
       st = check_launch("attention_bwd (dk/dv reduce)");
       if (st != LLADA_OK) return st;
     }
   }
   if (rows > 0) {
     launch_kernel("attention_bwd_convert_dq_kernel", attention_bwd_convert_dq_kernel<T>, row_blocks,
-                  kRowThreads, 0, stream, p, ws_dq);
+                  kRowThreads, 0, stream, p, ws.dq);
     return check_launch("attention_bwd (dq convert)");
   }
   return LLADA_OK;
+}
+
+// Bytes of workspace for these shapes under plan `pl`: dQ and Delta, and the partials when
+// the plan splits.
+size_t workspace_bytes(const attn::BwdPlan& pl, int64_t B, int64_t Sq, int64_t Hq, int64_t Sk,
+                       int64_t Hkv, int64_t D) {
+  if (B <= 0 || Sq <= 0 || Hq <= 0 || D <= 0) return 0;
+  if (pl.splits <= 1) return static_cast<size_t>(B * Hq * Sq) * static_cast<size_t>(D + 1) * 4;
+  return static_cast<size_t>(partials_offset(B, Sq, Hq, D)) * sizeof(float) +
+         attn::bwd_partials_bytes(B, Hkv, Sk, D, pl.splits);
 }
 
 }  // namespace
 
 size_t attention_bwd_workspace_size(int64_t B, int64_t Sq, int64_t Hq, int64_t Sk, int64_t Hkv,
                                     int64_t D) {
-  if (B <= 0 || Sq <= 0 || Hq <= 0 || D <= 0) return 0;
-  AttnFwdParams f{};
-  f.B = B, f.Sq = Sq, f.Hq = Hq, f.Sk = Sk, f.Hkv = Hkv, f.D = D;
-  const int splits = Hkv > 0 && D <= 256 ? bwd_splits_for(f) : 1;
-  if (splits <= 1) return static_cast<size_t>(B * Hq * Sq) * static_cast<size_t>(D + 1) * 4;
-  return static_cast<size_t>(partials_offset(B, Sq, Hq, D)) * sizeof(float) +
-         attn::bwd_partials_bytes(B, Hkv, Sk, D, splits);
+  if (Hkv <= 0 || D > 256) return workspace_bytes(attn::BwdPlan{1, 1}, B, Sq, Hq, Sk, Hkv, D);
+  return workspace_bytes(plan_for(B, Sq, Hq, Sk, Hkv, D), B, Sq, Hq, Sk, Hkv, D);
 }
 
 llada_status attention_bwd(const AttnBwdParams& p) {
@@ -184,7 +185,9 @@ llada_status attention_bwd(const AttnBwdParams& p) {
   const llada_status st = attn::check_attention_shapes(f, "attention_bwd");
   if (st != LLADA_OK) return st;
   if (f.B == 0) return LLADA_OK;  // no gradient element
-  const size_t need = attention_bwd_workspace_size(f.B, f.Sq, f.Hq, f.Sk, f.Hkv, f.D);
+  attn::BwdWorkspace ws;
+  ws.plan = plan_for(f.B, f.Sq, f.Hq, f.Sk, f.Hkv, f.D);  // as the size query plans
+  const size_t need = workspace_bytes(ws.plan, f.B, f.Sq, f.Hq, f.Sk, f.Hkv, f.D);
   if (need > 0 && (p.workspace == nullptr || p.workspace_bytes < need)) {
     return set_error(LLADA_ERROR_INSUFFICIENT_WORKSPACE,
                      "attention_bwd: workspace of %zu bytes needed, got %zu at %p", need,
@@ -194,13 +197,11 @@ llada_status attention_bwd(const AttnBwdParams& p) {
     return set_error(LLADA_ERROR_INVALID_ARGUMENT,
                      "attention_bwd: workspace must be aligned to 8 bytes");
   }
-  float* ws_dq = static_cast<float*>(p.workspace);
-  float* ws_delta = need > 0 ? ws_dq + f.B * f.Hq * f.Sq * f.D : nullptr;
-  float* ws_dkv = need > 0 && f.Sk > 0 && bwd_splits_for(f) > 1
-                      ? ws_dq + partials_offset(f.B, f.Sq, f.Hq, f.D)
-                      : nullptr;
-  if (f.dtype == LLADA_FLOAT16) return bwd_for_dtype<__half>(p, ws_dq, ws_delta, ws_dkv);
-  return bwd_for_dtype<__nv_bfloat16>(p, ws_dq, ws_delta, ws_dkv);
+  ws.dq = static_cast<float*>(p.workspace);
+  ws.delta = need > 0 ? ws.dq + f.B * f.Hq * f.Sq * f.D : nullptr;
+  ws.dkv = ws.plan.splits > 1 ? ws.dq + partials_offset(f.B, f.Sq, f.Hq, f.D) : nullptr;
+  if (f.dtype == LLADA_FLOAT16) return bwd_for_dtype<__half>(p, ws);
+  return bwd_for_dtype<__nv_bfloat16>(p, ws);
 }
 
 }  // namespace cuda

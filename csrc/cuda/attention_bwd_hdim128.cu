@@ -6,9 +6,9 @@ namespace llada {
 namespace cuda {
 namespace attn {
 
-template llada_status run_attention_bwd<__half, 128>(const AttnBwdParams&, float*, float*, float*);
-template llada_status run_attention_bwd<__nv_bfloat16, 128>(const AttnBwdParams&, float*, float*,
-                                                            float*);
+template llada_status run_attention_bwd<__half, 128>(const AttnBwdParams&, const BwdWorkspace&);
+template llada_status run_attention_bwd<__nv_bfloat16, 128>(const AttnBwdParams&,
+                                                            const BwdWorkspace&);
 
 }  // namespace attn
 }  // namespace cuda

@@ -380,8 +380,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kWarps * 32)
 }
 
 template <typename T, int kD>
-llada_status run_attention_bwd(const AttnBwdParams& p, float* ws_dq, float* ws_delta,
-                               float* ws_dkv) {
+llada_status run_attention_bwd(const AttnBwdParams& p, const BwdWorkspace& ws) {
   using C = BwdConfig<kD>;
   const AttnFwdParams& f = p.fwd;
   constexpr size_t smem = bwd_smem_bytes<kD>();
@@ -398,15 +397,10 @@ llada_status run_attention_bwd(const AttnBwdParams& p, float* ws_dq, float* ws_d
                          ? 1
                          : 0) |
                     (rows_aligned16(p.dk, p.dk_st) && rows_aligned16(p.dv, p.dv_st) ? 2 : 0);
-  const BwdPlan pl = bwd_plan<kD>(f.B, f.Sq, f.Hq, f.Hkv, f.Sk);
-  if (pl.splits > 1 && ws_dkv == nullptr) {
-    return set_error(LLADA_ERROR_INTERNAL,
-                     "attention_bwd: split plan without a partials workspace");
-  }
-  const dim3 grid(static_cast<unsigned>((f.Sk + C::kBlockN - 1) / C::kBlockN * pl.splits),
+  const dim3 grid(static_cast<unsigned>((f.Sk + C::kBlockN - 1) / C::kBlockN * ws.plan.splits),
                   static_cast<unsigned>(f.Hkv), static_cast<unsigned>(f.B));
   launch_kernel("attention_bwd_kernel", kernel, grid, C::kWarps * 32, smem, as_stream(f.stream), p,
-                ws_dq, ws_delta, ws_dkv, pl, flags);
+                ws.dq, ws.delta, ws.dkv, ws.plan, flags);
   return check_launch("attention_bwd");
 }
 

@@ -68,6 +68,16 @@ BwdPlan bwd_plan(int64_t B, int64_t Sq, int64_t Hq, int64_t Hkv, int64_t Sk) {
   return pl;
 }
 
+// The workspace of one call as attention_bwd.cu carves it, with the plan it was sized for:
+// the float32 dQ accumulator [B, Hq, Sq, D], Delta [B, Hq, Sq], and the partial dK/dV when
+// the plan splits (null otherwise).
+struct BwdWorkspace {
+  float* dq;
+  float* delta;
+  float* dkv;
+  BwdPlan plan;
+};
+
 // Float32 partial dK and dV of a split plan: [splits][2 (dK, dV)][B][Hkv][Sk][D].
 inline size_t bwd_partials_bytes(int64_t B, int64_t Hkv, int64_t Sk, int64_t D, int splits) {
   if (splits <= 1) return 0;

@@ -30,6 +30,7 @@
 #include <stdint.h>
 
 #include "common/params.h"
+#include "cuda/attention_bwd_plan.cuh"
 #include "cuda/cuda_utils.cuh"
 
 namespace llada {
@@ -309,16 +310,13 @@ inline llada_status check_attention_shapes(const AttnFwdParams& p, const char* w
 template <typename T, int kD>
 llada_status run_attention_fwd(const AttnFwdParams& p);
 
-// ws_dq: float32 [B, Hq, Sq, D] scratch for dQ; ws_delta: float32 [B, Hq, Sq]; ws_dkv: the
-// float32 partial dK/dV of a split plan (attention_bwd_plan.cuh), null when it does not split.
+// ws: the call's scratch and the plan it was sized for (attention_bwd_plan.cuh).
 template <typename T, int kD>
-llada_status run_attention_bwd(const AttnBwdParams& p, float* ws_dq, float* ws_delta,
-                               float* ws_dkv);
+llada_status run_attention_bwd(const AttnBwdParams& p, const BwdWorkspace& ws);
 
-#define LLADA_ATTN_DECLARE(T, D)                                                             \
-  extern template llada_status run_attention_fwd<T, D>(const AttnFwdParams&);                \
-  extern template llada_status run_attention_bwd<T, D>(const AttnBwdParams&, float*, float*, \
-                                                       float*);
+#define LLADA_ATTN_DECLARE(T, D)                                              \
+  extern template llada_status run_attention_fwd<T, D>(const AttnFwdParams&); \
+  extern template llada_status run_attention_bwd<T, D>(const AttnBwdParams&, const BwdWorkspace&);
 LLADA_ATTN_DECLARE(__half, 64)
 LLADA_ATTN_DECLARE(__half, 128)
 LLADA_ATTN_DECLARE(__half, 256)
