@@ -164,24 +164,19 @@ def test_saved_files_reach_the_disk_before_a_rename_publishes_them(tmp_path, mon
     import llada_ext.model_files as mf
 
     events: list[tuple[str, str]] = []
-    real_fsync_file, real_fsync_dir = mf.fsync_file, mf.fsync_dir
-    real_rename, real_replace = os.rename, os.replace
-    monkeypatch.setattr(
-        mf, "fsync_file", lambda p: (events.append(("file", Path(p).name)), real_fsync_file(p))[1]
-    )
-    monkeypatch.setattr(
-        mf, "fsync_dir", lambda p: (events.append(("dir", str(p))), real_fsync_dir(p))[1]
-    )
-    monkeypatch.setattr(
-        mf.os,
-        "rename",
-        lambda a, b: (events.append(("rename", Path(a).name)), real_rename(a, b))[1],
-    )
-    monkeypatch.setattr(
-        mf.os,
-        "replace",
-        lambda a, b: (events.append(("replace", Path(a).name)), real_replace(a, b))[1],
-    )
+
+    def recorded(kind, real, label):
+        def call(*args):
+            events.append((kind, label(args[0])))
+            return real(*args)
+
+        return call
+
+    name = lambda p: Path(p).name  # noqa: E731
+    monkeypatch.setattr(mf, "fsync_file", recorded("file", mf.fsync_file, name))
+    monkeypatch.setattr(mf, "fsync_dir", recorded("dir", mf.fsync_dir, str))
+    monkeypatch.setattr(mf.os, "rename", recorded("rename", os.rename, name))
+    monkeypatch.setattr(mf.os, "replace", recorded("replace", os.replace, name))
     torch.manual_seed(0)
     model = LLaDAModel(small(), backend="torch")
     out = tmp_path / "m"
